@@ -1,0 +1,44 @@
+"""User code named in manifests as ``module:attr``: importing it and identifying it.
+
+A stage's code identity is the digest of the source file that defines it, so editing a
+stage function gives that stage (and everything downstream) new block keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+
+def add_import_paths(paths: Iterable[str]) -> None:
+    """Make modules next to the manifest importable (idempotent)."""
+    for p in paths:
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def load_object(target: str) -> Any:
+    """Import ``module:attr`` (attr may be dotted). Raises ImportError/AttributeError."""
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def code_digest(target: str) -> str:
+    """sha256 of the source file defining ``target`` (its name when there is no file)."""
+    module = importlib.import_module(target.partition(":")[0])
+    try:
+        source = inspect.getsourcefile(module)
+    except TypeError:
+        source = None
+    h = hashlib.sha256(target.encode())
+    if source:
+        with open(source, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()

@@ -1,0 +1,167 @@
+"""What runs inside Ray workers: one stage applied to one block, cache in and cache out.
+
+A step reads its input block (from the source for the first stage, else from the cache by
+key), transforms it, writes the result into the cache and returns an ``Outcome`` holding
+only metadata. User exceptions come back as a failed ``Outcome`` (not a Ray error), so the
+driver can tell a bug in a stage (fail fast) from a lost worker (retry elsewhere).
+
+Tasks are submitted with ``max_retries=0`` and actors with ``max_task_retries=0``: a block
+is never rebuilt by Ray's lineage; the driver retries it from the cache.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from tierflow.cache.settings import CacheSettings
+from tierflow.cache.tiered import get_cache
+from tierflow.code import load_object
+from tierflow.errors import TierflowError
+from tierflow.io.sink import Sink
+from tierflow.io.source import BlockSpec, Source
+from tierflow.manifest import PythonStage, Stage, TritonStage
+
+Transform = Callable[[pa.Table], pa.Table]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one step on one block. ``meta`` is a BlockMeta or a PartMeta."""
+
+    ok: bool
+    meta: Any = None
+    error: str = ""
+    retryable: bool = False
+    rows_in: int = 0
+    seconds: float = 0.0
+
+
+def make_transform(stage: Stage, triton_url: str | None) -> Transform:
+    """Build the per-process callable for a stage (imports code, creates the instance)."""
+    if isinstance(stage, TritonStage):
+        from tierflow.triton.client import TritonStageClient
+
+        if not triton_url:
+            raise TierflowError(f"stage {stage.name!r} needs a Triton server and none is configured")
+        client = TritonStageClient(
+            url=triton_url,
+            model=stage.model,
+            inputs=stage.inputs,
+            outputs=stage.outputs,
+            batch_size=stage.batch_size,
+            max_inflight=stage.max_inflight,
+            timeout_s=stage.timeout_s,
+        )
+        return client.infer_table
+    assert isinstance(stage, PythonStage)
+    obj = load_object(stage.target)
+    if stage.cls is not None:
+        fn: Callable[..., Any] = obj(**stage.params)
+        params: dict[str, Any] = {}
+    else:
+        fn, params = obj, stage.params
+    name, batch_rows = stage.name, stage.batch_rows
+
+    def apply(table: pa.Table) -> pa.Table:
+        if batch_rows is None or table.num_rows <= batch_rows:
+            return _checked(name, fn(table, **params))
+        parts = [
+            _checked(name, fn(table.slice(i, batch_rows), **params))
+            for i in range(0, table.num_rows, batch_rows)
+        ]
+        return pa.concat_tables(parts, promote_options="default")
+
+    return apply
+
+
+def _checked(stage: str, out: object) -> pa.Table:
+    if not isinstance(out, pa.Table):
+        raise TypeError(f"stage {stage!r} returned {type(out).__name__}, expected pyarrow.Table")
+    return out
+
+
+def run_step(
+    transform: Transform,
+    source: Source | None,
+    input_ref: BlockSpec | str,
+    out_key: str,
+    settings: CacheSettings,
+) -> Outcome:
+    """Read the input (a source block or a cache key), transform, write to the cache."""
+    started = time.perf_counter()
+    try:
+        cache = get_cache(settings)
+        if isinstance(input_ref, str):
+            table = cache.get_table(input_ref)
+        else:
+            assert source is not None
+            table = source.read(input_ref)
+        out = transform(table)
+        meta = cache.put_table(out_key, out)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome the driver judges
+        return _failure(exc, started)
+    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
+
+
+def write_part(sink: Sink, in_key: str, block: int, settings: CacheSettings) -> Outcome:
+    """Sink step: read the last stage's block from the cache and commit it as one part."""
+    started = time.perf_counter()
+    try:
+        table = get_cache(settings).get_table(in_key)
+        meta = sink.write_part(block, table)
+    except Exception as exc:  # noqa: BLE001
+        return _failure(exc, started)
+    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
+
+
+def _failure(exc: BaseException, started: float) -> Outcome:
+    # Triton outages and unreachable tiers are the system's fault: worth a retry. A
+    # ModelError or an exception raised by user code is not.
+    retryable = isinstance(exc, TierflowError) and exc.retryable
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4))
+    return Outcome(False, error=f"{text}\n{tb}", retryable=retryable, seconds=time.perf_counter() - started)
+
+
+# -- Ray entry points ------------------------------------------------------------------------
+
+
+@ray.remote(max_retries=0)
+def run_task(
+    stage: Stage, source: Source | None, input_ref: BlockSpec | str, out_key: str, settings: CacheSettings
+) -> Outcome:
+    """A stateless stage as a Ray task. The transform is rebuilt per task (cheap for fns)."""
+    try:
+        transform = make_transform(stage, None)
+    except Exception as exc:  # noqa: BLE001
+        return _failure(exc, time.perf_counter())
+    return run_step(transform, source, input_ref, out_key, settings)
+
+
+@ray.remote(max_retries=0)
+def sink_task(sink: Sink, in_key: str, block: int, settings: CacheSettings) -> Outcome:
+    return write_part(sink, in_key, block, settings)
+
+
+@ray.remote(max_restarts=3, max_task_retries=0)
+class StageActor:
+    """A stateful or model stage: the transform (class instance, Triton client) is built
+    once per actor and reused for every block sent to it."""
+
+    def __init__(self, stage: Stage, triton_url: str | None, settings: CacheSettings) -> None:
+        self._stage = stage
+        self._settings = settings
+        self._transform = make_transform(stage, triton_url)
+
+    def run(self, source: Source | None, input_ref: BlockSpec | str, out_key: str) -> Outcome:
+        return run_step(self._transform, source, input_ref, out_key, self._settings)
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,126 @@
+"""Every error tierflow raises on purpose.
+
+::
+
+    TierflowError
+    ├── ManifestError          bad manifest: file + one line per (field path, reason); CLI exit 2
+    ├── CacheError
+    │   ├── InvalidKey         key would escape the cache root or is malformed
+    │   ├── TierUnavailable    a tier cannot be reached; skipped, not fatal   (retryable)
+    │   ├── CorruptObject      checksum/header mismatch; treated as a miss + repair
+    │   └── ReplicaLost        every copy of a committed block is gone
+    ├── InferenceError
+    │   ├── TritonUnavailable  server unreachable, UNAVAILABLE, deadline      (retryable)
+    │   └── ModelError         model missing/not ready, bad tensor name/dtype/shape
+    ├── StageError             user code failed; has .stage, .block, __cause__
+    └── SinkError              output exists (mode: error), or a part could not be committed
+
+Errors from third-party libraries (tritonclient, fsspec, lmdb) are translated into this
+tree at the edges only (``tierflow.triton.client``, ``tierflow.cache.tiers.*``), with
+``raise ... from exc`` so the original stays attached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+
+class TierflowError(Exception):
+    """Base of every error tierflow raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+
+
+class ManifestError(TierflowError):
+    """A manifest that cannot run. Lists every problem found, each with its field path.
+
+    >>> str(ManifestError("m.yaml", [("stages[1].batch_size", "must be > 0")]))
+    'm.yaml: 1 error\\n  stages[1].batch_size: must be > 0'
+    """
+
+    def __init__(self, path: str, problems: Sequence[tuple[str, str]]) -> None:
+        self.path = path
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = [f"{path}: {n} error{'s' if n != 1 else ''}"]
+        lines += [f"  {loc}: {reason}" if loc else f"  {reason}" for loc, reason in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class CacheError(TierflowError):
+    """Base of cache failures."""
+
+
+class InvalidKey(CacheError, ValueError):
+    """A block key that is malformed or would escape the cache root."""
+
+
+class TierUnavailable(CacheError):
+    """A tier could not be reached. The tiered cache skips it and counts it."""
+
+    retryable = True
+
+    def __init__(self, tier: str, reason: str) -> None:
+        self.tier = tier
+        self.reason = reason
+        super().__init__(f"cache tier {tier} unavailable: {reason}")
+
+
+class CorruptObject(CacheError):
+    """A stored value whose header or checksum does not match. Read as a miss."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"corrupt cache object {key}: {reason}")
+
+
+class ReplicaLost(CacheError):
+    """No readable copy of a committed block is left anywhere."""
+
+    def __init__(self, key: str, tried: Sequence[str]) -> None:
+        self.key = key
+        self.tried = list(tried)
+        super().__init__(f"every copy of block {key} is lost (tried: {', '.join(tried) or 'none'})")
+
+
+class InferenceError(TierflowError):
+    """Base of Triton failures."""
+
+
+class TritonUnavailable(InferenceError):
+    """The server did not answer in time or said UNAVAILABLE. Retried with backoff."""
+
+    retryable = True
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"Triton at {url} unavailable: {reason}")
+
+
+class ModelError(InferenceError):
+    """The model rejected the request or answered with the wrong tensors. Never retried."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        self.reason = reason
+        super().__init__(f"model {model!r}: {reason}")
+
+
+class StageError(TierflowError):
+    """A stage failed on a block. The original exception is ``__cause__``."""
+
+    def __init__(self, stage: str, block: int, reason: str) -> None:
+        self.stage = stage
+        self.block = block
+        self.reason = reason
+        super().__init__(f"stage {stage!r} failed on block {block}: {reason}")
+
+    def __reduce__(self) -> tuple[type[StageError], tuple[str, int, str]]:
+        return (type(self), (self.stage, self.block, self.reason))
+
+
+class SinkError(TierflowError):
+    """The sink refused to write (existing output with ``mode: error``) or could not commit."""

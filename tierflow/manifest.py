@@ -1,0 +1,224 @@
+"""The pipeline manifest: typed, frozen models and ``load_manifest(path)``.
+
+A manifest is YAML with a source, an ordered list of stages and a sink::
+
+    name: demo
+    source: {format: parquet, path: data/*.parquet, block_rows: 5000}
+    stages:
+      - {name: clean, kind: python, fn: my_stages:clean}
+      - {name: classify, kind: triton, model: mlp_classifier,
+         inputs: {features: FEATURES}, outputs: {PROBS: probs}}
+    sink: {path: out/, mode: overwrite}
+
+Relative paths (source, sink, Triton repository, cache directory) are resolved against the
+manifest's own directory, so a manifest runs the same from any working directory. This
+module only checks shape and types; ``tierflow.checks`` checks what needs imports or
+files (callables, Triton models, columns).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tierflow.errors import ManifestError
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_CALLABLE = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Model):
+    """Where rows come from. Split into deterministic blocks of ``block_rows``."""
+
+    format: Literal["parquet", "jsonl", "csv"] = Field(description="file format")
+    path: str = Field(description="fsspec URL, path or glob (relative to the manifest)")
+    columns: tuple[str, ...] | None = Field(None, description="columns to read (default all)")
+    block_rows: int = Field(10_000, gt=0, description="rows per block")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="fsspec options; secrets as ${ENV_VAR}"
+    )
+
+
+class _StageBase(_Model):
+    name: str = Field(pattern=_NAME, description="unique stage name; part of every block key")
+    concurrency: int = Field(2, gt=0, description="tasks or actors working at once")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per task/actor")
+    checkpoint: bool = Field(False, description="keep this stage's blocks after the run")
+
+
+class PythonStage(_StageBase):
+    """A CPU stage: ``fn`` (a Ray task per block) or ``cls`` (a pool of Ray actors)."""
+
+    kind: Literal["python"]
+    fn: str | None = Field(None, pattern=_CALLABLE, description="module:callable, Table -> Table")
+    cls: str | None = Field(None, pattern=_CALLABLE, description="module:Class; __init__ once per actor")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
+    batch_rows: int | None = Field(None, gt=0, description="call the function on slices this big")
+    requires: tuple[str, ...] = Field((), description="columns the stage reads")
+    produces: dict[str, str] = Field(
+        default_factory=dict, description="columns the stage adds: name -> type (e.g. float32[16])"
+    )
+    drops: tuple[str, ...] = Field((), description="columns the stage removes")
+
+    @model_validator(mode="after")
+    def _one_callable(self) -> PythonStage:
+        if (self.fn is None) == (self.cls is None):
+            raise ValueError("give exactly one of 'fn' (a function) or 'cls' (a class)")
+        return self
+
+    @property
+    def target(self) -> str:
+        return self.fn or self.cls or ""
+
+
+class TritonStage(_StageBase):
+    """A model stage: blocks are cut into requests to a Triton server over gRPC."""
+
+    kind: Literal["triton"]
+    model: str = Field(description="model name in the Triton repository")
+    model_version: str = Field("", description="model version ('' = server's choice)")
+    inputs: dict[str, str] = Field(min_length=1, description="input column -> input tensor")
+    outputs: dict[str, str] = Field(min_length=1, description="output tensor -> output column")
+    batch_size: int = Field(64, gt=0, description="rows per request (capped at max_batch_size)")
+    max_inflight: int = Field(4, gt=0, description="requests in flight per actor")
+    timeout_s: float = Field(60.0, gt=0, description="deadline of one request")
+    concurrency: int = Field(1, gt=0, description="client actors")
+    num_cpus: float = Field(0.5, ge=0, description="Ray CPUs per client actor")
+
+
+Stage = Annotated[Union[PythonStage, TritonStage], Field(discriminator="kind")]
+
+
+class SinkConfig(_Model):
+    """Parquet output: one part per block, then ``_SUCCESS`` listing them."""
+
+    format: Literal["parquet"] = "parquet"
+    path: str = Field(description="output directory (fsspec URL or path)")
+    mode: Literal["error", "overwrite"] = Field("error", description="if a complete output exists")
+    storage_options: dict[str, str] = Field(default_factory=dict)
+
+
+class RayConfig(_Model):
+    address: str | None = Field(None, description="None = embedded local Ray; 'auto' or URL = join")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray")
+
+
+class TritonConfig(_Model):
+    url: str | None = Field(None, description="gRPC host:port of a running Triton server")
+    launch: bool = Field(False, description="start the bundled server for the run")
+    repository: str = Field("triton_models", description="model repository (relative to manifest)")
+    startup_timeout_s: float = Field(180.0, gt=0)
+
+    @model_validator(mode="after")
+    def _url_or_launch(self) -> TritonConfig:
+        if self.url and self.launch:
+            raise ValueError("give either 'url' (an existing server) or 'launch: true', not both")
+        return self
+
+
+class CacheConfig(_Model):
+    dir: str = Field(".tierflow", description="local cache root (LMDB, journal)")
+    memory_bytes: int = Field(256 << 20, ge=0, description="in-process LRU capacity")
+    lmdb_bytes: int = Field(8 << 30, gt=0, description="LMDB capacity before LRU eviction")
+    remote_url: str | None = Field(None, description="durable fsspec store, e.g. s3://bucket/tf")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="${ENV} for secrets")
+    replicas: int = Field(1, ge=1, le=8, description="copies in distinct failure domains")
+    compression_level: int | None = Field(None, ge=1, le=22, description="zstd level for remote")
+
+
+class Manifest(_Model):
+    """A whole pipeline. ``base_dir`` is where relative paths are resolved (set by the loader)."""
+
+    name: str = Field(pattern=_NAME)
+    source: SourceConfig
+    stages: tuple[Stage, ...] = Field(min_length=1)
+    sink: SinkConfig
+    ray: RayConfig = RayConfig()
+    triton: TritonConfig = TritonConfig()
+    cache: CacheConfig = CacheConfig()
+    base_dir: str = Field(".", exclude=True, description="set by load_manifest")
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Manifest:
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stage name {stage.name!r} is used twice")
+            seen.add(stage.name)
+        return self
+
+    def resolve(self, path: str) -> str:
+        """An fsspec URL as is; a local path made absolute against the manifest directory."""
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+            return path
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(path)))
+
+
+def _loc(parts: Sequence[int | str]) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("python", "triton", "function-after", "function-before"):
+            continue  # pydantic's union-branch and validator labels, not user fields
+        else:
+            out += f".{p}" if out else str(p)
+    return out
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    errors = exc.errors()
+    probs = []
+    for err in errors:
+        loc = err["loc"]
+        if err["type"] == "too_short" and any(
+            len(e["loc"]) > len(loc) and e["loc"][: len(loc)] == loc for e in errors
+        ):
+            continue  # pydantic counts the invalid items as missing; the item errors say it all
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        probs.append((_loc(err["loc"]), msg))
+    return probs
+
+
+def parse_manifest(data: Any, path: str = "<manifest>", base_dir: str = ".") -> Manifest:
+    """Validate already-loaded YAML data. Raises ManifestError listing every problem."""
+    if not isinstance(data, Mapping):
+        raise ManifestError(path, [("", "the manifest must be a YAML mapping")])
+    try:
+        return Manifest.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise ManifestError(path, _problems(exc)) from None
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate a manifest file. Raises ManifestError (file, line/field, reason)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ManifestError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ManifestError(str(p), [(where, f"invalid YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(str(p), [("", f"invalid YAML: {exc}")]) from None
+    if "base_dir" in (data or {}):
+        raise ManifestError(str(p), [("base_dir", "unknown field")])
+    return parse_manifest(data, str(p), str(p.resolve().parent))

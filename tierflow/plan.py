@@ -1,0 +1,83 @@
+"""Manifest -> Plan: blocks, stage fingerprints and block keys. Pure, no Ray.
+
+A stage's fingerprint hashes the source's identity (files, sizes, versions, block_rows),
+then, for this stage and every stage before it, the config that can change its output and
+its code identity (stage source file, or the Triton model's files). Changing stage k gives
+stage k and every later stage new keys; earlier stages keep theirs and are reused.
+
+Block key: ``<pipeline>/<fingerprint[:16]>/<stage>/<block index, 6 digits>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tierflow.code import code_digest
+from tierflow.io.source import BlockSpec, Source, SourceFile
+from tierflow.manifest import Manifest, PythonStage, Stage, TritonStage
+
+# Fields that change how a stage runs, never what it outputs: not part of the fingerprint.
+_EXECUTION_ONLY = {"concurrency", "num_cpus", "checkpoint", "max_inflight", "timeout_s", "batch_size"}
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    index: int
+    config: Stage
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    manifest: Manifest
+    source: Source
+    files: tuple[SourceFile, ...]
+    blocks: tuple[BlockSpec, ...]
+    stages: tuple[StagePlan, ...]
+
+    def key(self, stage: int, block: int) -> str:
+        s = self.stages[stage]
+        return f"{self.manifest.name}/{s.fingerprint[:16]}/{s.name}/{block:06d}"
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+def stage_identity(stage: Stage, model_digest: Callable[[str], str]) -> dict[str, object]:
+    """What of a stage decides its output: its config minus execution knobs, plus code."""
+    config = stage.model_dump(mode="json", exclude=_EXECUTION_ONLY)
+    if isinstance(stage, PythonStage):
+        code = code_digest(stage.target)
+    else:
+        assert isinstance(stage, TritonStage)
+        code = model_digest(stage.model)
+    return {"config": config, "code": code}
+
+
+def make_plan(manifest: Manifest, model_digest: Callable[[str], str]) -> Plan:
+    """List the source, cut blocks and fingerprint every stage.
+
+    ``model_digest(model)`` identifies a Triton model (its repository files, or its name
+    and version for a server whose repository is not local).
+    """
+    source = Source(manifest.source, manifest.resolve(manifest.source.path))
+    files = tuple(source.files())
+    blocks = tuple(source.plan(list(files)))
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "source": manifest.source.model_dump(mode="json", exclude={"storage_options"}),
+        "files": [[f.path, f.size, f.version, f.rows] for f in files],
+    }, sort_keys=True).encode())
+    stages = []
+    for i, stage in enumerate(manifest.stages):
+        h.update(json.dumps(stage_identity(stage, model_digest), sort_keys=True).encode())
+        stages.append(StagePlan(i, stage, h.copy().hexdigest()))
+    return Plan(manifest, source, files, blocks, tuple(stages))

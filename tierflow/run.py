@@ -1,0 +1,144 @@
+"""``tierflow run``: validate, plan, connect Ray, bring up Triton, execute, report.
+
+Everything that can be rejected is rejected before any cluster work: the manifest is
+loaded and checked (``tierflow.checks``) and the source planned first; only then is Ray
+started or joined and Triton launched or probed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import ray
+
+from tierflow.cache.settings import CacheSettings
+from tierflow.checks import check_manifest
+from tierflow.engine.executor import Executor
+from tierflow.io.sink import Sink
+from tierflow.manifest import Manifest, TritonStage, load_manifest
+from tierflow.plan import Plan, make_plan
+from tierflow.triton.repository import model_digest
+from tierflow.triton.server import TritonServer, wait_until_ready
+
+REPORT_NAME = "report.json"
+
+
+def cache_settings(manifest: Manifest) -> CacheSettings:
+    c = manifest.cache
+    return CacheSettings(
+        root=manifest.resolve(c.dir),
+        memory_bytes=c.memory_bytes,
+        lmdb_bytes=c.lmdb_bytes,
+        lmdb_map_size=max(c.lmdb_bytes * 2, 1 << 30),
+        remote_url=c.remote_url,
+        storage_options=dict(c.storage_options),
+        replicas=c.replicas,
+        compression_level=c.compression_level,
+    )
+
+
+def plan_manifest(manifest: Manifest) -> Plan:
+    repo = Path(manifest.resolve(manifest.triton.repository))
+
+    def digest(model: str) -> str:
+        if (repo / model / "config.pbtxt").is_file():
+            return model_digest(repo, model)
+        return f"name:{model}"  # a server we cannot see into: identify the model by name
+
+    return make_plan(manifest, digest)
+
+
+@contextlib.contextmanager
+def ray_session(manifest: Manifest, address: str | None) -> Iterator[None]:
+    """Join ``address`` (CLI) or ``ray.address`` (manifest), else start an embedded Ray.
+
+    An already-initialised Ray (a test, a notebook) is used as it is and left running.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    pythonpath = os.pathsep.join(p for p in (manifest.base_dir, os.environ.get("PYTHONPATH")) if p)
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}},
+        "logging_level": logging.WARNING,
+        "include_dashboard": False,
+    }
+    target = address or manifest.ray.address
+    if target:
+        kwargs["address"] = target
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kwargs["num_cpus"] = manifest.ray.num_cpus or max(os.cpu_count() or 1, _cpus_needed(manifest))
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _cpus_needed(manifest: Manifest) -> int:
+    """Logical CPUs that let every actor pool start and leave one task slot per task stage.
+
+    The embedded cluster may oversubscribe the machine's cores; what it must not do is
+    deadlock with actors holding every CPU while task stages wait forever.
+    """
+    actors = sum(
+        s.num_cpus * s.concurrency for s in manifest.stages if isinstance(s, TritonStage) or s.cls
+    )
+    tasks = max((s.num_cpus for s in manifest.stages if not (isinstance(s, TritonStage) or s.cls)), default=0)
+    return int(actors + tasks + 0.999) + 1
+
+
+@contextlib.contextmanager
+def triton_endpoint(manifest: Manifest) -> Iterator[str | None]:
+    """The gRPC URL Triton stages use: a launched bundled server, or the configured one
+    after every model it needs is ready (fails naming the URL or the model)."""
+    models = sorted({s.model for s in manifest.stages if isinstance(s, TritonStage)})
+    if not models:
+        yield None
+        return
+    cfg = manifest.triton
+    if cfg.launch:
+        repo = Path(manifest.resolve(cfg.repository))
+        with TritonServer(repo, models=models, startup_timeout_s=cfg.startup_timeout_s) as server:
+            yield server.grpc_url
+        return
+    assert cfg.url is not None
+    wait_until_ready(cfg.url, models, timeout_s=min(cfg.startup_timeout_s, 30.0))
+    yield cfg.url
+
+
+def run_pipeline(
+    path: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    progress_out: IO[str] | None = sys.stdout,
+) -> dict[str, Any]:
+    """Run a manifest end to end; returns the run report (also written next to the cache).
+
+    Raises ManifestError before any cluster work; StageError, InferenceError, SinkError
+    from the run itself.
+    """
+    manifest = load_manifest(path)
+    check_manifest(manifest, str(path))
+    plan = plan_manifest(manifest)
+    settings = cache_settings(manifest)
+    sink = Sink(manifest.sink, manifest.resolve(manifest.sink.path))
+    executor = Executor(plan, sink, settings, progress_out=progress_out)
+    try:
+        with ray_session(manifest, address), triton_endpoint(manifest) as url:
+            executor.triton_url = url
+            return executor.run()
+    finally:
+        report = getattr(executor, "report", None)
+        if report is not None:
+            out = Path(settings.root) / manifest.name / REPORT_NAME
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1))
