@@ -17,8 +17,9 @@ from typing import Any
 def add_import_paths(paths: Iterable[str]) -> None:
     """Make modules next to the manifest importable (idempotent)."""
     for p in paths:
-        if p not in sys.path:
-            sys.path.insert(0, p)
+        if p in sys.path:
+            sys.path.remove(p)
+        sys.path.insert(0, p)  # first: the manifest's own modules win over same-named ones
 
 
 def load_object(target: str) -> Any:

@@ -166,13 +166,15 @@ class Manifest(_Model):
 
 def _loc(parts: Sequence[int | str]) -> str:
     out = ""
+    prev: int | str | None = None
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif p in ("python", "triton", "function-after", "function-before"):
-            continue  # pydantic's union-branch and validator labels, not user fields
+        elif (isinstance(prev, int) and p in ("python", "triton")) or p.startswith("function-"):
+            pass  # pydantic's union-branch and validator labels, not user fields
         else:
             out += f".{p}" if out else str(p)
+        prev = p
     return out
 
 

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tierflow.code import code_digest
+from tierflow.code import add_import_paths, code_digest
 from tierflow.io.source import BlockSpec, Source, SourceFile
 from tierflow.manifest import Manifest, PythonStage, Stage, TritonStage
 
@@ -68,6 +68,7 @@ def make_plan(manifest: Manifest, model_digest: Callable[[str], str]) -> Plan:
     ``model_digest(model)`` identifies a Triton model (its repository files, or its name
     and version for a server whose repository is not local).
     """
+    add_import_paths([manifest.base_dir])
     source = Source(manifest.source, manifest.resolve(manifest.source.path))
     files = tuple(source.files())
     blocks = tuple(source.plan(list(files)))

@@ -1,0 +1,83 @@
+"""Manifest parsing: every bad input is rejected with the file, the field path and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tierflow.errors import ManifestError
+from tierflow.manifest import PythonStage, TritonStage, load_manifest
+
+GOOD = """
+name: demo
+source: {format: parquet, path: data/, block_rows: 100}
+stages:
+  - {name: a, kind: python, fn: "mod:f"}
+  - {name: b, kind: triton, model: m, inputs: {x: X}, outputs: {Y: y}}
+sink: {path: out/}
+triton: {url: "localhost:8001"}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    return p
+
+
+def problems(tmp_path: Path, text: str) -> list[tuple[str, str]]:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write(tmp_path, text))
+    assert info.value.path.endswith("m.yaml")
+    assert str(info.value).startswith(str(tmp_path / "m.yaml"))
+    return info.value.problems
+
+
+def test_good_manifest_parses_into_typed_models(tmp_path: Path) -> None:
+    m = load_manifest(write(tmp_path, GOOD))
+    assert isinstance(m.stages[0], PythonStage) and isinstance(m.stages[1], TritonStage)
+    assert m.stages[1].batch_size == 64
+    assert m.resolve(m.source.path) == str(tmp_path / "data")
+    assert m.resolve("s3://bucket/x") == "s3://bucket/x"
+    assert m.ray.address is None and m.cache.replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "loc", "reason"),
+    [
+        (("block_rows: 100", "block_rows: 0"), "source.block_rows", "greater than 0"),
+        (("block_rows: 100", "block_rows: 10, colour: red"), "source.colour", "unknown field"),
+        (('kind: python, fn: "mod:f"', "kind: gpu"), "stages[0]", "'gpu'"),
+        (('fn: "mod:f"', 'fn: "mod:f", cls: "mod:C"'), "stages[0]", "exactly one of 'fn'"),
+        (('fn: "mod:f"', 'fn: "not a callable"'), "stages[0].fn", "should match pattern"),
+        (("outputs: {Y: y}", "outputs: {Y: y}, batch_size: -3"), "stages[1].batch_size", "greater than 0"),
+        (("name: b,", "name: a,"), "", "stage name 'a' is used twice"),
+        (('url: "localhost:8001"', 'url: "h:1", launch: true'), "triton", "not both"),
+        (("sink: {path: out/}", "sink: {path: out/, mode: append}"), "sink.mode", "'error' or 'overwrite'"),
+    ],
+)
+def test_bad_field_is_named(tmp_path: Path, edit: tuple[str, str], loc: str, reason: str) -> None:
+    probs = problems(tmp_path, GOOD.replace(*edit))
+    assert any(l == loc and reason in r for l, r in probs), probs
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    probs = problems(tmp_path, "name: x\nsource: [a\n  b: c\n")
+    assert probs[0][0].startswith("line 3, column")
+    assert "invalid YAML" in probs[0][1]
+
+
+def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="cannot read"):
+        load_manifest(tmp_path / "absent.yaml")
+    assert problems(tmp_path, "- a\n- b\n")[0][1] == "the manifest must be a YAML mapping"
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("block_rows: 100", "block_rows: -1").replace("kind: triton", "kind: tpu")
+    assert len(problems(tmp_path, text)) == 2
+
+
+def test_base_dir_cannot_be_set_from_yaml(tmp_path: Path) -> None:
+    assert problems(tmp_path, GOOD + "base_dir: /etc\n") == [("base_dir", "unknown field")]
