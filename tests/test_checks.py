@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,29 +14,8 @@ from tierflow.manifest import load_manifest
 from tierflow.plan import make_plan
 from tierflow.triton.repository import model_digest
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "reviews.yaml"
+from example_copy import ROOT, make_example
 
-
-def make_example(d: Path, rows: int = 500) -> Path:
-    """A copy of the example (manifest, stage code, some data) in ``d``."""
-    import importlib.util
-
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "examples" / "make_data.py")
-    assert spec and spec.loader
-    make_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_data)
-
-    (d / "data").mkdir(parents=True)
-    shutil.copy(ROOT / "examples" / "review_stages.py", d)
-    pq.write_table(make_data.make_table(rows, 0, np.random.default_rng(1)), d / "data" / "a.parquet")
-    doc = yaml.safe_load(EXAMPLE.read_text())
-    doc["triton"]["repository"] = str(ROOT / "triton_models")
-    (d / "reviews.yaml").write_text(yaml.safe_dump(doc))
-    return d
 
 
 @pytest.fixture()

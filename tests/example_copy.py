@@ -1,0 +1,32 @@
+"""A private copy of the example pipeline for tests (manifest, stage code, data)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "reviews.yaml"
+
+
+def make_example(d: Path, rows: int = 500) -> Path:
+    """A copy of the example (manifest, stage code, some data) in ``d``."""
+    import importlib.util
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    spec = importlib.util.spec_from_file_location("make_data", ROOT / "examples" / "make_data.py")
+    assert spec and spec.loader
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+
+    (d / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "review_stages.py", d)
+    pq.write_table(make_data.make_table(rows, 0, np.random.default_rng(1)), d / "data" / "a.parquet")
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["triton"]["repository"] = str(ROOT / "triton_models")
+    (d / "reviews.yaml").write_text(yaml.safe_dump(doc))
+    return d
