@@ -1,0 +1,56 @@
+"""The ``tierflow`` command as a user runs it: a subprocess, real ports, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from example_copy import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.triton
+def test_triton_serve_answers_a_stock_client_and_stops_on_sigterm() -> None:
+    grpc_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tierflow", "triton", "serve", "--repo", str(ROOT / "triton_models"),
+         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ},
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 180
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "server exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.strip().startswith("models"):
+                break
+        text = "".join(lines)
+        assert f"127.0.0.1:{grpc_port}" in text and "mlp_classifier" in text and "text_embedder" in text
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+        inp = grpcclient.InferInput("FEATURES", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("mlp_classifier", [inp], outputs=[grpcclient.InferRequestedOutput("PROBS")])
+        probs = result.as_numpy("PROBS")
+        assert probs.shape == (5, 4)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
