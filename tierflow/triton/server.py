@@ -383,8 +383,10 @@ class TritonServer:
                 if attempt == 2 or not auto_ports:
                     raise TritonUnavailable(self.grpc_url, str(exc)) from None
                 continue
-            except BaseException:
-                self._kill_quietly(keep_log=True)
+            except BaseException as exc:
+                # Keep the log only where the error points to it (a death or a timeout);
+                # a ModelError already carries Triton's reason.
+                self._kill_quietly(keep_log=isinstance(exc, TritonUnavailable))
                 raise
             break
         self.ready_models = list(models)

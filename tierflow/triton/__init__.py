@@ -1,0 +1,34 @@
+"""Triton Inference Server integration: model repository, local server, table client.
+
+* :mod:`~tierflow.triton.repository` reads ``triton_models/`` (specs, digests) offline.
+* :mod:`~tierflow.triton.server` runs the ``tritonserver`` bundled in ``nvidia-pytriton``.
+* :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC; the one
+  place ``tritonclient`` errors become tierflow errors.
+"""
+
+from __future__ import annotations
+
+from tierflow.triton.client import STATUS_ERRORS, RetryPolicy, TritonStageClient, map_triton_errors
+from tierflow.triton.repository import (
+    ModelSpec,
+    TensorSpec,
+    list_models,
+    load_model_spec,
+    model_digest,
+)
+from tierflow.triton.server import TritonServer, serve, wait_until_ready
+
+__all__ = [
+    "ModelSpec",
+    "RetryPolicy",
+    "STATUS_ERRORS",
+    "TensorSpec",
+    "TritonServer",
+    "TritonStageClient",
+    "list_models",
+    "load_model_spec",
+    "map_triton_errors",
+    "model_digest",
+    "serve",
+    "wait_until_ready",
+]
