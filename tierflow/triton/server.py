@@ -151,7 +151,13 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    all_lines = text.splitlines()
+    # A bad flag makes tritonserver print its complaint and then ~300 lines of usage;
+    # the complaint is the useful part.
+    usage = next((i for i, line in enumerate(all_lines) if line.startswith("Usage: tritonserver")), None)
+    if usage is not None:
+        all_lines = all_lines[:usage]
+    return "\n".join(all_lines[-lines:])
 
 
 # --------------------------------------------------------------------------- readiness
