@@ -1,0 +1,192 @@
+"""The one interface every cache level implements, its statistics, and its error edge.
+
+A tier is a dumb, bytes-in/bytes-out store of *frames* (see :mod:`tierflow.cache.codec`)
+keyed by validated block keys. Misses are ``None``, never an error. A tier that reads
+from a medium that can rot (LMDB, remote) verifies each frame's checksum and raises
+:class:`~tierflow.errors.CorruptObject` for a bad one; a tier that cannot be reached
+raises :class:`~tierflow.errors.TierUnavailable`. Every third-party exception is turned
+into one of those two in exactly one place, :func:`tier_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from tierflow.errors import CacheError, TierUnavailable
+
+__all__ = ["Counters", "Tier", "TierBase", "TierStats", "scrub", "tier_errors"]
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    """A snapshot of one tier's counters (since this process opened it).
+
+    ``entries``, ``bytes_used`` and ``capacity_bytes`` describe the store itself and are
+    ``None`` where finding them would be expensive (a remote bucket).
+    """
+
+    name: str
+    kind: str
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    deletes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    entries: int | None = None
+    bytes_used: int | None = None
+    capacity_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The snapshot as a plain dict (for JSON and the CLI)."""
+        return asdict(self)
+
+
+class Counters:
+    """Thread-safe counters behind :class:`TierStats`."""
+
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "hits", "misses", "puts", "deletes", "bytes_read", "bytes_written",
+        "evictions", "corrupt", "errors",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self._FIELDS, 0)
+
+    def add(self, **deltas: int) -> None:
+        """Add to counters by name."""
+        with self._lock:
+            for name, delta in deltas.items():
+                self._values[name] += delta
+
+    def snapshot(self, name: str, kind: str, **extra: int | None) -> TierStats:
+        """Freeze the current values into a :class:`TierStats`."""
+        with self._lock:
+            return TierStats(name=name, kind=kind, **self._values, **extra)
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """One cache level. Frames in, frames out; a miss is ``None``, not an error.
+
+    Every method validates its key (raising :class:`~tierflow.errors.InvalidKey`) and may
+    raise :class:`~tierflow.errors.TierUnavailable` when the medium cannot be reached.
+    """
+
+    kind: ClassVar[str]
+    name: str
+    """Where this tier lives, for messages and stats (``lmdb:/data/tf/lmdb``). No secrets."""
+
+    def get(self, key: str) -> bytes | None:
+        """Return the frame stored under ``key``, or ``None``.
+
+        Raises:
+            CorruptObject: The stored frame fails its checksum (tiers on durable media).
+        """
+        ...
+
+    def put(self, key: str, value: bytes) -> None:
+        """Store ``value`` (a complete frame) under ``key``, replacing any old value."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``. Returns whether it existed."""
+        ...
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is stored. Does not read or verify the value."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Yield every stored key that starts with ``prefix``, in sorted order."""
+        ...
+
+    def stats(self) -> TierStats:
+        """A snapshot of this tier's counters."""
+        ...
+
+    def close(self) -> None:
+        """Release resources. Idempotent."""
+        ...
+
+
+class TierBase:
+    """Batch helpers built from the single-key primitives, as fsspec does.
+
+    Tiers that can batch (one LMDB transaction, concurrent remote requests) override them.
+    """
+
+    def get_many(self: Tier, keys: Iterable[str]) -> dict[str, bytes | None]:
+        """``{key: get(key)}`` for every key."""
+        return {key: self.get(key) for key in keys}
+
+    def put_many(self: Tier, items: Mapping[str, bytes]) -> None:
+        """``put`` every item."""
+        for key, value in items.items():
+            self.put(key, value)
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """Replace every secret (of 4+ characters) in ``text`` with ``***``."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+_unavailable_types: tuple[type[BaseException], ...] | None = None
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the medium cannot be used right now"."""
+    global _unavailable_types
+    if _unavailable_types is None:
+        found: list[type[BaseException]] = [OSError, TimeoutError, MemoryError]
+        with contextlib.suppress(ImportError):
+            import lmdb
+
+            found.append(lmdb.Error)
+        with contextlib.suppress(ImportError):
+            from fsspec.exceptions import FSTimeoutError
+
+            found.append(FSTimeoutError)
+        with contextlib.suppress(ImportError):
+            import botocore.exceptions
+
+            found += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
+        with contextlib.suppress(ImportError):
+            import aiohttp
+
+            found.append(aiohttp.ClientError)
+        _unavailable_types = tuple(found)
+    return _unavailable_types
+
+
+@contextlib.contextmanager
+def tier_errors(tier: str, secrets: Sequence[str] = ()) -> Iterator[None]:
+    """Translate third-party failures inside the block into :class:`TierUnavailable`.
+
+    The single place where lmdb, fsspec, botocore, aiohttp and OS errors become tierflow
+    errors. :class:`CacheError` passes through unchanged; the original exception stays
+    attached as ``__cause__``. The reason names the exception type and message with every
+    resolved secret replaced by ``***``.
+
+    Args:
+        tier: The tier's name (``remote:s3://bucket/prefix``).
+        secrets: Resolved credential values to scrub from the message.
+    """
+    try:
+        yield
+    except CacheError:
+        raise
+    except _unavailable_errors() as exc:
+        reason = scrub(f"{type(exc).__name__}: {exc}", secrets)
+        raise TierUnavailable(tier, reason) from exc

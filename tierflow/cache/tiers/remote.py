@@ -1,0 +1,252 @@
+"""Tier 2: the durable store, any fsspec URL (``s3://``, ``file://``, ``memory://``).
+
+Layout: the frame of key ``K`` is the object ``<url>/K.tfb``; nothing else is written
+under ``<url>`` except, on local filesystems, short-lived temporary files named
+``.<name>.tmp-<pid>-<random>`` next to their target (keys can never start with ``.``, so
+they never collide with a block and :meth:`RemoteTier.list` skips them).
+
+Promises:
+
+* Reads verify the frame checksum (:class:`~tierflow.errors.CorruptObject` otherwise).
+* Writes are atomic: one ``PUT`` on object stores; temp file + ``fsync`` + ``rename`` on a
+  local filesystem (``fsync`` can be turned off, e.g. for benchmarks).
+* An unreachable store fails within about ``timeout_s`` with
+  :class:`~tierflow.errors.TierUnavailable` naming the store (``remote:s3://bucket/prefix``)
+  and never a credential: ``${VAR}`` references in ``storage_options`` are resolved only
+  when the filesystem is built, in the process that uses it, and every resolved value is
+  scrubbed from error messages.
+* The filesystem is rebuilt after ``fork`` (aiohttp sessions do not survive it).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from tierflow.cache import codec
+from tierflow.cache.base import Counters, TierBase, TierStats, tier_errors
+from tierflow.cache.keys import validate_key
+from tierflow.cache.settings import resolve_storage_options, secret_values
+from tierflow.errors import CorruptObject, TierUnavailable
+
+__all__ = ["SUFFIX", "RemoteTier", "redact_url"]
+
+SUFFIX = ".tfb"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query or fragment (which may carry credentials).
+
+    >>> redact_url("s3://AKIA:secret@bucket/cache?X-Amz-Signature=abc")
+    's3://bucket/cache'
+    """
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class RemoteTier(TierBase):
+    """Frames stored as objects under an fsspec URL. Thread-safe.
+
+    Usage::
+
+        tier = RemoteTier("s3://bucket/cache", {"key": "${AWS_ACCESS_KEY_ID}",
+                                               "secret": "${AWS_SECRET_ACCESS_KEY}"})
+        tier.put(key, frame)
+        tier.get(key)   # verified frame, or None
+
+    Args:
+        url: Root of the store.
+        storage_options: fsspec keyword arguments; values may contain ``${VAR}``.
+        timeout_s: Upper bound on one operation against a networked store.
+        verify: Verify checksums on read (only the benchmark turns this off).
+        fsync: On local filesystems, ``fsync`` each file before renaming it into place.
+        environ: Where ``${VAR}`` is resolved from (default ``os.environ``), for tests.
+    """
+
+    kind: ClassVar[str] = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float = 30.0,
+        verify: bool = True,
+        fsync: bool = True,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = f"remote:{redact_url(self.url)}"
+        self.timeout_s = timeout_s
+        self.verify = verify
+        self.fsync = fsync
+        self._options = dict(storage_options or {})
+        self._environ = environ
+        self._lock = threading.Lock()
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._root = ""
+        self._secrets: list[str] = []
+        self._pid = -1
+        self._counters = Counters()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _filesystem(self) -> fsspec.AbstractFileSystem:
+        with self._lock:
+            if self._fs is not None and self._pid == os.getpid():
+                return self._fs
+            try:
+                options = resolve_storage_options(self._options, self._environ)
+            except KeyError as exc:
+                raise TierUnavailable(self.name, str(exc.args[0])) from None
+            self._secrets = secret_values(self._options, self._environ)
+            protocol = urlsplit(self.url).scheme or "file"
+            if protocol in ("s3", "s3a"):
+                options.setdefault("skip_instance_cache", True)
+                options.setdefault("use_listings_cache", False)
+                config = dict(options.get("config_kwargs") or {})
+                config.setdefault("connect_timeout", min(self.timeout_s, 10.0))
+                config.setdefault("read_timeout", self.timeout_s)
+                config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+                options["config_kwargs"] = config
+            with tier_errors(self.name, self._secrets):
+                fs, root = fsspec.core.url_to_fs(self.url, **options)
+            if protocol in ("s3", "s3a"):
+                fs.retries = 2  # s3fs's own retry loop, on top of botocore's
+            self._fs, self._root, self._pid = fs, root.rstrip("/"), os.getpid()
+            return fs
+
+    def _call(self, fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
+        # Async filesystems (s3fs, http) accept an overall deadline through fsspec's sync().
+        if isinstance(fs, AsyncFileSystem):
+            kwargs["timeout"] = self.timeout_s
+        return getattr(fs, method)(*args, **kwargs)
+
+    def path(self, key: str) -> str:
+        """The object path of ``key`` (inside the filesystem, without protocol)."""
+        self._filesystem()
+        return f"{self._root}/{validate_key(key)}{SUFFIX}"
+
+    def _errors(self) -> Any:
+        return tier_errors(self.name, self._secrets)
+
+    # -- Tier -------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        """Return the verified frame under ``key``, or ``None``.
+
+        Raises:
+            CorruptObject: The stored frame fails verification.
+            TierUnavailable: The store cannot be reached (within ``timeout_s``).
+        """
+        path = self.path(key)
+        fs = self._filesystem()
+        with self._errors():
+            try:
+                data = self._call(fs, "cat_file", path)
+            except FileNotFoundError:
+                data = None
+        if data is None:
+            self._counters.add(misses=1)
+            return None
+        if self.verify:
+            try:
+                codec.verify(data, key)
+            except CorruptObject:
+                self._counters.add(corrupt=1)
+                raise
+        self._counters.add(hits=1, bytes_read=len(data))
+        return bytes(data)
+
+    def put(self, key: str, value: bytes) -> None:
+        """Store a frame atomically (one object PUT, or temp + rename locally).
+
+        Raises:
+            TierUnavailable: The store cannot be reached or refuses the write.
+        """
+        path = self.path(key)
+        fs = self._filesystem()
+        with self._errors():
+            if isinstance(fs, LocalFileSystem):
+                self._put_local(path, value)
+            else:
+                self._call(fs, "pipe_file", path, value)
+        self._counters.add(puts=1, bytes_written=len(value))
+
+    def _put_local(self, path: str, value: bytes) -> None:
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{_random.token_hex(4)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(value)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``'s object. Returns whether it existed."""
+        path = self.path(key)
+        fs = self._filesystem()
+        with self._errors():
+            if not self._call(fs, "exists", path):
+                return False
+            try:
+                self._call(fs, "rm_file", path)
+            except FileNotFoundError:
+                return False
+        self._counters.add(deletes=1)
+        return True
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key``'s object exists (no read, no verification)."""
+        path = self.path(key)
+        fs = self._filesystem()
+        with self._errors():
+            return bool(self._call(fs, "exists", path))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Stored keys starting with ``prefix``, sorted."""
+        fs = self._filesystem()
+        directory = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = f"{self._root}/{directory}".rstrip("/")
+        with self._errors():
+            try:
+                paths = self._call(fs, "find", base)
+            except FileNotFoundError:
+                paths = []
+        keys = []
+        start = len(self._root) + 1
+        for p in paths:
+            rel = p[start:] if p.startswith(self._root + "/") else p.lstrip("/")
+            if not rel.endswith(SUFFIX):
+                continue
+            key = rel[: -len(SUFFIX)]
+            if key.startswith(prefix) and not any(s.startswith(".") for s in key.split("/")):
+                keys.append(key)
+        return iter(sorted(keys))
+
+    def stats(self) -> TierStats:
+        """Counters of this process's operations (store size is not computed)."""
+        return self._counters.snapshot(self.name, self.kind)
+
+    def close(self) -> None:
+        """Forget the filesystem instance. Idempotent."""
+        with self._lock:
+            self._fs = None
