@@ -7,7 +7,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -29,7 +28,9 @@ def _features(rows: int, seed: int = 0) -> np.ndarray:
 
 
 def _mlp_table(x: np.ndarray) -> pa.Table:
-    ids = np.random.default_rng(1).permutation(len(x))  # not sorted: order must be kept, not restored
+    ids = np.random.default_rng(1).permutation(
+        len(x)
+    )  # not sorted: order must be kept, not restored
     column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16)
     return pa.table({"id": ids, "features": column})
 
@@ -58,18 +59,35 @@ def test_mlp_matches_reference_and_keeps_row_order(
     ref = reference("mlp_classifier").forward(x)
     np.testing.assert_allclose(_stack(out.column("probs")), ref["PROBS"], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(out.column("label").to_numpy(), ref["LABEL"].reshape(-1))
-    assert len(set(out.column("label").to_pylist())) > 1  # a classifier that says one thing is no test
+    assert (
+        len(set(out.column("label").to_pylist())) > 1
+    )  # a classifier that says one thing is no test
 
 
 def test_text_embedder_string_binary_and_chunked_columns(
     triton_server: TritonServer, reference: Callable[[str], ModuleType]
 ) -> None:
-    texts = [f"document {i}: {'lorem ipsum ' * (i % 5)}caf\u00e9 #{i * 7919 % 1000}" for i in range(500)]
+    texts = [
+        f"document {i}: {'lorem ipsum ' * (i % 5)}caf\u00e9 #{i * 7919 % 1000}" for i in range(500)
+    ]
     texts[3] = ""
     # Three chunks whose boundaries fall inside requests (batch_size 64).
-    table = pa.concat_tables([pa.table({"text": texts[:100]}), pa.table({"text": texts[100:333]}), pa.table({"text": texts[333:]})])
+    table = pa.concat_tables(
+        [
+            pa.table({"text": texts[:100]}),
+            pa.table({"text": texts[100:333]}),
+            pa.table({"text": texts[333:]}),
+        ]
+    )
     assert table.column("text").num_chunks == 3
-    client = TritonStageClient(triton_server.grpc_url, "text_embedder", {"text": "TEXT"}, {"EMBEDDING": "emb"}, batch_size=64, max_inflight=3)
+    client = TritonStageClient(
+        triton_server.grpc_url,
+        "text_embedder",
+        {"text": "TEXT"},
+        {"EMBEDDING": "emb"},
+        batch_size=64,
+        max_inflight=3,
+    )
     expected = reference("text_embedder").forward(np.array(texts, dtype=np.object_))["EMBEDDING"]
 
     out = client.infer_table(table)
@@ -77,12 +95,18 @@ def test_text_embedder_string_binary_and_chunked_columns(
     np.testing.assert_allclose(_stack(out.column("emb")), expected, rtol=1e-6, atol=1e-7)
 
     binary = pa.table({"text": pa.array([t.encode() for t in texts], type=pa.binary())})
-    np.testing.assert_allclose(_stack(client.infer_table(binary).column("emb")), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        _stack(client.infer_table(binary).column("emb")), expected, rtol=1e-6, atol=1e-7
+    )
 
 
-def test_list_of_double_column_is_cast(triton_server: TritonServer, reference: Callable[[str], ModuleType]) -> None:
+def test_list_of_double_column_is_cast(
+    triton_server: TritonServer, reference: Callable[[str], ModuleType]
+) -> None:
     x = _features(100, seed=3)
-    table = pa.table({"features": pa.array(x.astype(np.float64).tolist(), type=pa.list_(pa.float64()))})
+    table = pa.table(
+        {"features": pa.array(x.astype(np.float64).tolist(), type=pa.list_(pa.float64()))}
+    )
     out = _mlp(triton_server.grpc_url).infer_table(table)
     ref = reference("mlp_classifier").forward(x)
     np.testing.assert_allclose(_stack(out.column("probs")), ref["PROBS"], rtol=1e-6, atol=1e-7)
@@ -91,7 +115,9 @@ def test_list_of_double_column_is_cast(triton_server: TritonServer, reference: C
 def test_batch_size_above_max_batch_size_is_capped(triton_server: TritonServer) -> None:
     client = _mlp(triton_server.grpc_url, batch_size=10_000)
     assert client.spec.max_batch_size == 256
-    assert client.infer_table(_mlp_table(_features(600))).num_rows == 600  # 3 requests, not 1 rejected
+    assert (
+        client.infer_table(_mlp_table(_features(600))).num_rows == 600
+    )  # 3 requests, not 1 rejected
 
 
 def test_empty_table(triton_server: TritonServer) -> None:
@@ -101,7 +127,9 @@ def test_empty_table(triton_server: TritonServer) -> None:
     assert out.schema.field("label").type == pa.int64()
 
 
-def test_concurrent_calls_share_one_client(triton_server: TritonServer, reference: Callable[[str], ModuleType]) -> None:
+def test_concurrent_calls_share_one_client(
+    triton_server: TritonServer, reference: Callable[[str], ModuleType]
+) -> None:
     client = _mlp(triton_server.grpc_url, batch_size=32, max_inflight=2)
     results: dict[int, pa.Table] = {}
 
@@ -115,7 +143,12 @@ def test_concurrent_calls_share_one_client(triton_server: TritonServer, referenc
         t.join(timeout=60)
     forward = reference("mlp_classifier").forward
     for seed, out in results.items():
-        np.testing.assert_allclose(_stack(out.column("probs")), forward(_features(300, seed))["PROBS"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            _stack(out.column("probs")),
+            forward(_features(300, seed))["PROBS"],
+            rtol=1e-6,
+            atol=1e-7,
+        )
     assert len(results) == 4
 
 
@@ -148,7 +181,9 @@ def test_wrong_tensor_name_is_a_model_error(
 
 def test_unknown_model_is_not_retried(triton_server: TritonServer) -> None:
     sleeps: list[float] = []
-    client = TritonStageClient(triton_server.grpc_url, "no_such_model", {"x": "X"}, {"Y": "y"}, sleep=sleeps.append)
+    client = TritonStageClient(
+        triton_server.grpc_url, "no_such_model", {"x": "X"}, {"Y": "y"}, sleep=sleeps.append
+    )
     with pytest.raises(ModelError, match="NOT_FOUND") as info:
         client.infer_table(pa.table({"x": [1]}))
     assert info.value.model == "no_such_model"
@@ -165,7 +200,9 @@ def test_unknown_model_is_not_retried(triton_server: TritonServer) -> None:
     ],
     ids=["null", "width", "ragged", "string"],
 )
-def test_bad_input_column_is_a_model_error(triton_server: TritonServer, column: pa.Array, match: str) -> None:
+def test_bad_input_column_is_a_model_error(
+    triton_server: TritonServer, column: pa.Array, match: str
+) -> None:
     with pytest.raises(ModelError, match=match) as info:
         _mlp(triton_server.grpc_url).infer_table(pa.table({"features": column}))
     assert "FEATURES" in info.value.reason
@@ -182,7 +219,9 @@ def test_output_column_clash_and_missing_input_column(triton_server: TritonServe
 def test_unreachable_url_fails_fast_with_backoff() -> None:
     url = f"127.0.0.1:{_free_port('127.0.0.1')}"
     sleeps: list[float] = []
-    client = _mlp(url, timeout_s=2.0, retry=RetryPolicy(3, 0.01, 0.05, jitter=0.0), sleep=sleeps.append)
+    client = _mlp(
+        url, timeout_s=2.0, retry=RetryPolicy(3, 0.01, 0.05, jitter=0.0), sleep=sleeps.append
+    )
     t0 = time.monotonic()
     with pytest.raises(TritonUnavailable, match="gave up after 3 attempt") as info:
         client.infer_table(_mlp_table(_features(4)))
@@ -254,7 +293,9 @@ def liar_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServ
 def test_consistent_output_passes(liar_server: TritonServer) -> None:
     x = np.arange(20, dtype=np.float32).reshape(10, 2)
     table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 2)})
-    out = TritonStageClient(liar_server.grpc_url, "liar", {"x": "X"}, {"GOOD": "good"}).infer_table(table)
+    out = TritonStageClient(liar_server.grpc_url, "liar", {"x": "X"}, {"GOOD": "good"}).infer_table(
+        table
+    )
     np.testing.assert_array_equal(_stack(out.column("good")), x)
 
 
@@ -267,9 +308,15 @@ def test_consistent_output_passes(liar_server: TritonServer) -> None:
         ("ABSENT", "no output tensor 'ABSENT'"),
     ],
 )
-def test_response_contradicting_the_config_is_a_model_error(liar_server: TritonServer, tensor: str, match: str) -> None:
-    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(20, np.float32)), 2)})
-    client = TritonStageClient(liar_server.grpc_url, "liar", {"x": "X"}, {"GOOD": "good", tensor: "bad"})
+def test_response_contradicting_the_config_is_a_model_error(
+    liar_server: TritonServer, tensor: str, match: str
+) -> None:
+    table = pa.table(
+        {"x": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(20, np.float32)), 2)}
+    )
+    client = TritonStageClient(
+        liar_server.grpc_url, "liar", {"x": "X"}, {"GOOD": "good", tensor: "bad"}
+    )
     with pytest.raises(ModelError, match=match) as info:
         client.infer_table(table)
     assert info.value.model == "liar"

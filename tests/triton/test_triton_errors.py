@@ -21,7 +21,12 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from tierflow.errors import InferenceError, ModelError, TritonUnavailable
-from tierflow.triton.client import STATUS_ERRORS, RetryPolicy, TritonStageClient, map_triton_errors
+from tierflow.triton.client import (
+    STATUS_ERRORS,
+    RetryPolicy,
+    TritonStageClient,
+    map_triton_errors,
+)
 
 REPO = Path(__file__).resolve().parents[2] / "triton_models"
 URL = "fake:8001"
@@ -38,9 +43,8 @@ def test_every_grpc_status_is_mapped_deliberately() -> None:
 @pytest.mark.parametrize("code", list(grpc.StatusCode), ids=lambda c: c.name)
 def test_map_triton_errors_per_status(code: grpc.StatusCode) -> None:
     original = InferenceServerException("boom", status=str(code))
-    with pytest.raises(InferenceError) as info:
-        with map_triton_errors(URL, "m"):
-            raise original
+    with pytest.raises(InferenceError) as info, map_triton_errors(URL, "m"):
+        raise original
     err = info.value
     assert type(err) is STATUS_ERRORS[code]
     assert err.__cause__ is original
@@ -55,7 +59,13 @@ def test_map_triton_errors_per_status(code: grpc.StatusCode) -> None:
 def test_retryable_codes_are_exactly_the_transient_ones() -> None:
     retryable = {c for c, cls in STATUS_ERRORS.items() if cls.retryable}
     S = grpc.StatusCode
-    assert retryable == {S.UNAVAILABLE, S.DEADLINE_EXCEEDED, S.RESOURCE_EXHAUSTED, S.ABORTED, S.CANCELLED}
+    assert retryable == {
+        S.UNAVAILABLE,
+        S.DEADLINE_EXCEEDED,
+        S.RESOURCE_EXHAUSTED,
+        S.ABORTED,
+        S.CANCELLED,
+    }
     for never in (S.INVALID_ARGUMENT, S.NOT_FOUND, S.UNIMPLEMENTED):
         assert never not in retryable
 
@@ -68,27 +78,25 @@ def test_raw_grpc_error_is_mapped_too() -> None:
         def details(self) -> str:
             return "socket closed"
 
-    with pytest.raises(TritonUnavailable, match="UNAVAILABLE: socket closed"):
-        with map_triton_errors(URL, "m"):
-            raise RawError()
+    with (
+        pytest.raises(TritonUnavailable, match="UNAVAILABLE: socket closed"),
+        map_triton_errors(URL, "m"),
+    ):
+        raise RawError()
 
 
 def test_statusless_and_unknown_status_are_model_errors() -> None:
-    with pytest.raises(ModelError, match="unable to set data"):
-        with map_triton_errors(URL, "m"):
-            raise InferenceServerException("unable to set data")
-    with pytest.raises(ModelError, match="teapot"):
-        with map_triton_errors(URL, "m"):
-            raise InferenceServerException("teapot", status="418")
+    with pytest.raises(ModelError, match="unable to set data"), map_triton_errors(URL, "m"):
+        raise InferenceServerException("unable to set data")
+    with pytest.raises(ModelError, match="teapot"), map_triton_errors(URL, "m"):
+        raise InferenceServerException("teapot", status="418")
 
 
 def test_connection_error_is_unavailable_and_others_pass_through() -> None:
-    with pytest.raises(TritonUnavailable, match="connection failed"):
-        with map_triton_errors(URL, "m"):
-            raise ConnectionResetError("reset")
-    with pytest.raises(KeyError):
-        with map_triton_errors(URL, "m"):
-            raise KeyError("ours")
+    with pytest.raises(TritonUnavailable, match="connection failed"), map_triton_errors(URL, "m"):
+        raise ConnectionResetError("reset")
+    with pytest.raises(KeyError), map_triton_errors(URL, "m"):
+        raise KeyError("ours")
 
 
 # ----------------------------------------------------------------------------- policy
@@ -107,7 +115,12 @@ def test_jitter_only_shortens_within_bounds() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(max_attempts=0), dict(base_delay_s=-1.0), dict(base_delay_s=2.0, max_delay_s=1.0), dict(jitter=1.5)],
+    [
+        {"max_attempts": 0},
+        {"base_delay_s": -1.0},
+        {"base_delay_s": 2.0, "max_delay_s": 1.0},
+        {"jitter": 1.5},
+    ],
 )
 def test_policy_rejects_nonsense(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -134,7 +147,9 @@ class FakeTriton:
     def get_model_config(self, model: str, client_timeout: float | None = None) -> Any:
         return service_pb2.ModelConfigResponse(config=self.config)
 
-    def async_infer(self, model: str, inputs: list[Any], callback: Any, outputs: Any = None, **_: Any) -> None:
+    def async_infer(
+        self, model: str, inputs: list[Any], callback: Any, outputs: Any = None, **_: Any
+    ) -> None:
         call, self.calls = self.calls, self.calls + 1
         status = self.fail(call)
         if status is not None:
@@ -142,14 +157,19 @@ class FakeTriton:
             return
         rows = inputs[0].shape()[0]
         response = service_pb2.ModelInferResponse(model_name=model)
-        for name, datatype, dims, dtype in (("PROBS", "FP32", [4], np.float32), ("LABEL", "INT64", [1], np.int64)):
+        for name, datatype, dims, dtype in (
+            ("PROBS", "FP32", [4], np.float32),
+            ("LABEL", "INT64", [1], np.int64),
+        ):
             response.outputs.add(name=name, datatype=datatype, shape=[rows, *dims])
             response.raw_output_contents.append(np.zeros((rows, *dims), dtype).tobytes())
         callback(grpcclient.InferResult(response), None)
 
 
 def _client(fake: FakeTriton, sleeps: list[float], **kwargs: Any) -> TritonStageClient:
-    kwargs.setdefault("retry", RetryPolicy(max_attempts=5, base_delay_s=0.1, max_delay_s=0.5, jitter=0.0))
+    kwargs.setdefault(
+        "retry", RetryPolicy(max_attempts=5, base_delay_s=0.1, max_delay_s=0.5, jitter=0.0)
+    )
     return TritonStageClient(
         URL,
         "mlp_classifier",

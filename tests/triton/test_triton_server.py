@@ -68,7 +68,9 @@ def test_stock_tritonclient_can_infer(
         inp = grpcclient.InferInput("TEXT", [3, 1], "BYTES")
         inp.set_data_from_numpy(texts)
         emb = client.infer("text_embedder", [inp]).as_numpy("EMBEDDING")
-        np.testing.assert_allclose(emb, reference("text_embedder").forward(texts)["EMBEDDING"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            emb, reference("text_embedder").forward(texts)["EMBEDDING"], rtol=1e-6, atol=1e-7
+        )
         np.testing.assert_allclose(np.linalg.norm(emb[:2], axis=1), 1.0, rtol=1e-6)
         assert not emb[2].any()  # empty text -> zero vector
     finally:
@@ -98,9 +100,15 @@ def test_wait_until_ready_names_an_unreachable_url() -> None:
 
 def _broken_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
-    shutil.copytree(REPO / "mlp_classifier", repo / "mlp_classifier", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "mlp_classifier",
+        repo / "mlp_classifier",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     (repo / "broken" / "1").mkdir(parents=True)
-    config = (REPO / "mlp_classifier" / "config.pbtxt").read_text().replace("mlp_classifier", "broken")
+    config = (
+        (REPO / "mlp_classifier" / "config.pbtxt").read_text().replace("mlp_classifier", "broken")
+    )
     (repo / "broken" / "config.pbtxt").write_text(config)
     (repo / "broken" / "1" / "model.py").write_text(
         "class TritonPythonModel:\n"

@@ -8,7 +8,12 @@
 
 from __future__ import annotations
 
-from tierflow.triton.client import STATUS_ERRORS, RetryPolicy, TritonStageClient, map_triton_errors
+from tierflow.triton.client import (
+    STATUS_ERRORS,
+    RetryPolicy,
+    TritonStageClient,
+    map_triton_errors,
+)
 from tierflow.triton.repository import (
     ModelSpec,
     TensorSpec,
@@ -19,9 +24,9 @@ from tierflow.triton.repository import (
 from tierflow.triton.server import TritonServer, serve, wait_until_ready
 
 __all__ = [
+    "STATUS_ERRORS",
     "ModelSpec",
     "RetryPolicy",
-    "STATUS_ERRORS",
     "TensorSpec",
     "TritonServer",
     "TritonStageClient",

@@ -166,7 +166,8 @@ class RetryPolicy:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.base_delay_s < 0 or self.max_delay_s < self.base_delay_s:
             raise ValueError(
-                f"need 0 <= base_delay_s <= max_delay_s, got {self.base_delay_s}, {self.max_delay_s}"
+                "need 0 <= base_delay_s <= max_delay_s, "
+                f"got {self.base_delay_s}, {self.max_delay_s}"
             )
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
@@ -181,7 +182,9 @@ class RetryPolicy:
 
 
 def _np_dtype(spec: TensorSpec) -> np.dtype[Any]:
-    return np.dtype(np.object_) if spec.dtype == "BYTES" else np.dtype(triton_to_np_dtype(spec.dtype))
+    return (
+        np.dtype(np.object_) if spec.dtype == "BYTES" else np.dtype(triton_to_np_dtype(spec.dtype))
+    )
 
 
 def _resolve_dims(dims: tuple[int, ...], width: int) -> tuple[int, ...] | None:
@@ -195,7 +198,9 @@ def _resolve_dims(dims: tuple[int, ...], width: int) -> tuple[int, ...] | None:
     return tuple(width // known if d < 0 else d for d in dims)
 
 
-def column_to_tensor(column: pa.ChunkedArray | pa.Array, spec: TensorSpec, model: str, name: str) -> np.ndarray:
+def column_to_tensor(
+    column: pa.ChunkedArray | pa.Array, spec: TensorSpec, model: str, name: str
+) -> np.ndarray:
     """Convert an Arrow column to the ``[n, *dims]`` array ``spec`` asks for.
 
     Zero-copy for numeric columns without nulls that already have the tensor's type and sit
@@ -208,7 +213,9 @@ def column_to_tensor(column: pa.ChunkedArray | pa.Array, spec: TensorSpec, model
     n = len(arr)
     where = f"column {name!r} -> tensor {spec.name!r}"
     if arr.null_count:
-        raise ModelError(model, f"{where}: {arr.null_count} null value(s); tensors cannot hold nulls")
+        raise ModelError(
+            model, f"{where}: {arr.null_count} null value(s); tensors cannot hold nulls"
+        )
     typ = arr.type
     if pa.types.is_fixed_size_list(typ):
         width, values = typ.list_size, arr.flatten()
@@ -216,7 +223,10 @@ def column_to_tensor(column: pa.ChunkedArray | pa.Array, spec: TensorSpec, model
         lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
         width = int(lengths[0]) if n else 0
         if n and not np.all(lengths == width):
-            raise ModelError(model, f"{where}: list lengths differ between rows ({lengths.min()}..{lengths.max()})")
+            raise ModelError(
+                model,
+                f"{where}: list lengths differ between rows ({lengths.min()}..{lengths.max()})",
+            )
         values = arr.flatten()
     else:
         width, values = 1, arr
@@ -224,13 +234,17 @@ def column_to_tensor(column: pa.ChunkedArray | pa.Array, spec: TensorSpec, model
         raise ModelError(model, f"{where}: null values inside lists; tensors cannot hold nulls")
     dims = _resolve_dims(spec.dims, width)
     if dims is None:
-        raise ModelError(model, f"{where}: {width} value(s) per row cannot fill dims {list(spec.dims)}")
+        raise ModelError(
+            model, f"{where}: {width} value(s) per row cannot fill dims {list(spec.dims)}"
+        )
 
     if spec.dtype == "BYTES":
         vtype = values.type
         if pa.types.is_string(vtype) or pa.types.is_large_string(vtype):
             # Cast to binary so NumPy gets bytes objects, not str (no decode + re-encode).
-            values = values.cast(pa.large_binary() if pa.types.is_large_string(vtype) else pa.binary())
+            values = values.cast(
+                pa.large_binary() if pa.types.is_large_string(vtype) else pa.binary()
+            )
         elif not (pa.types.is_binary(vtype) or pa.types.is_large_binary(vtype)):
             raise ModelError(model, f"{where}: tensor is BYTES but the column holds {vtype}")
         out = values.to_numpy(zero_copy_only=False)
@@ -241,7 +255,9 @@ def column_to_tensor(column: pa.ChunkedArray | pa.Array, spec: TensorSpec, model
             try:
                 values = values.cast(target, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise ModelError(model, f"{where}: cannot cast {values.type} to {spec.dtype}: {exc}") from exc
+                raise ModelError(
+                    model, f"{where}: cannot cast {values.type} to {spec.dtype}: {exc}"
+                ) from exc
         out = values.to_numpy(zero_copy_only=False)
     return out.reshape((n, *dims))
 
@@ -344,7 +360,10 @@ class TritonStageClient:
         self._init_transient()
 
     def __repr__(self) -> str:
-        return f"TritonStageClient({self.url!r}, {self.model!r}, batch_size={self.batch_size}, max_inflight={self.max_inflight})"
+        return (
+            f"TritonStageClient({self.url!r}, {self.model!r}, "
+            f"batch_size={self.batch_size}, max_inflight={self.max_inflight})"
+        )
 
     # -- connection and model config
 
@@ -387,15 +406,26 @@ class TritonStageClient:
     def _check_mapping(self, spec: ModelSpec) -> None:
         for tensor in self.inputs.values():
             if tensor not in spec.inputs:
-                raise ModelError(self.model, f"has no input tensor {tensor!r} (inputs: {', '.join(spec.inputs)})")
+                raise ModelError(
+                    self.model, f"has no input tensor {tensor!r} (inputs: {', '.join(spec.inputs)})"
+                )
         for tensor in self.outputs:
             if tensor not in spec.outputs:
-                raise ModelError(self.model, f"has no output tensor {tensor!r} (outputs: {', '.join(spec.outputs)})")
+                raise ModelError(
+                    self.model,
+                    f"has no output tensor {tensor!r} (outputs: {', '.join(spec.outputs)})",
+                )
         missing = [t for t in spec.inputs if t not in self.inputs.values()]
         if missing:
-            raise ModelError(self.model, f"input tensor(s) {', '.join(map(repr, missing))} are not fed by any column")
+            raise ModelError(
+                self.model,
+                f"input tensor(s) {', '.join(map(repr, missing))} are not fed by any column",
+            )
         if spec.max_batch_size < 1:
-            raise ModelError(self.model, "max_batch_size is 0 (no batch dimension); table inference needs a batching model")
+            raise ModelError(
+                self.model,
+                "max_batch_size is 0 (no batch dimension); table inference needs a batching model",
+            )
 
     def _call_with_retry(self, fn: Callable[[], Any]) -> Any:
         attempt = 1
@@ -405,7 +435,9 @@ class TritonStageClient:
                     return fn()
             except TritonUnavailable as exc:
                 if attempt >= self.retry.max_attempts:
-                    raise TritonUnavailable(self.url, f"{exc.reason} (gave up after {attempt} attempt(s))") from exc
+                    raise TritonUnavailable(
+                        self.url, f"{exc.reason} (gave up after {attempt} attempt(s))"
+                    ) from exc
                 self.sleep(self.retry.delay_s(attempt, self._rng.random()))
                 attempt += 1
 
@@ -429,7 +461,9 @@ class TritonStageClient:
         assert spec is not None
         for column in self.inputs:
             if column not in table.column_names:
-                raise ValueError(f"input column {column!r} not in table (columns: {table.column_names})")
+                raise ValueError(
+                    f"input column {column!r} not in table (columns: {table.column_names})"
+                )
         for column in self.outputs.values():
             if column in table.column_names:
                 raise ValueError(f"output column {column!r} already exists in the table")
@@ -443,7 +477,9 @@ class TritonStageClient:
         for tensor, column in self.outputs.items():
             out_spec = spec.outputs[tensor]
             if bounds:
-                array = np.concatenate(parts[tensor], axis=0) if len(bounds) > 1 else parts[tensor][0]
+                array = (
+                    np.concatenate(parts[tensor], axis=0) if len(bounds) > 1 else parts[tensor][0]
+                )
             else:
                 dims = tuple(max(d, 1) for d in out_spec.dims)
                 array = np.empty((0, *dims), dtype=_np_dtype(out_spec))
@@ -454,7 +490,9 @@ class TritonStageClient:
         infer_inputs = []
         for column, tensor in self.inputs.items():
             t_spec = spec.inputs[tensor]
-            array = column_to_tensor(table.column(column).slice(lo, hi - lo), t_spec, self.model, column)
+            array = column_to_tensor(
+                table.column(column).slice(lo, hi - lo), t_spec, self.model, column
+            )
             inp = grpcclient.InferInput(tensor, list(array.shape), t_spec.dtype)
             with map_triton_errors(self.url, self.model):
                 inp.set_data_from_numpy(array)
@@ -504,7 +542,9 @@ class TritonStageClient:
                     # The per-call deadline guarantees a callback; this only guards a lost one.
                     i, result, error = done.get(timeout=self.timeout_s + 30.0)
                 except queue.Empty:
-                    raise TritonUnavailable(self.url, f"no callback within {self.timeout_s + 30.0:g}s") from None
+                    raise TritonUnavailable(
+                        self.url, f"no callback within {self.timeout_s + 30.0:g}s"
+                    ) from None
                 calls.pop(i, None)
                 if error is None:
                     self._collect(result, spec, bounds[i], i, parts)
@@ -543,18 +583,27 @@ class TritonStageClient:
                 raise ModelError(self.model, f"response has no output tensor {tensor!r}")
             if meta.datatype != out_spec.dtype:
                 raise ModelError(
-                    self.model, f"output tensor {tensor!r} has dtype {meta.datatype}, config declares {out_spec.dtype}"
+                    self.model,
+                    f"output tensor {tensor!r} has dtype {meta.datatype}, "
+                    f"config declares {out_spec.dtype}",
                 )
             shape = tuple(int(d) for d in meta.shape)
             expected = (rows, *out_spec.dims)
-            if len(shape) != len(expected) or any(e >= 0 and s != e for s, e in zip(shape, expected)):
+            if len(shape) != len(expected) or any(
+                e >= 0 and s != e for s, e in zip(shape, expected, strict=True)
+            ):
                 raise ModelError(
-                    self.model, f"output tensor {tensor!r} has shape {list(shape)}, expected {list(expected)}"
+                    self.model,
+                    f"output tensor {tensor!r} has shape {list(shape)}, expected {list(expected)}",
                 )
             try:
                 array = result.as_numpy(tensor)
             except ValueError as exc:  # raw content does not fill the declared shape
-                raise ModelError(self.model, f"output tensor {tensor!r} is malformed: {exc}") from exc
+                raise ModelError(
+                    self.model, f"output tensor {tensor!r} is malformed: {exc}"
+                ) from exc
             if array is None or array.shape != shape:
-                raise ModelError(self.model, f"output tensor {tensor!r} carries no data for shape {list(shape)}")
+                raise ModelError(
+                    self.model, f"output tensor {tensor!r} carries no data for shape {list(shape)}"
+                )
             parts[tensor][i] = array

@@ -119,9 +119,7 @@ def list_models(repo: Path) -> list[str]:
     if not repo.is_dir():
         raise FileNotFoundError(f"Triton model repository {repo} is not a directory")
     return sorted(
-        p.name
-        for p in repo.iterdir()
-        if p.is_dir() and not p.name.startswith((".", "__"))
+        p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))
     )
 
 

@@ -107,10 +107,14 @@ def prepare_backend_dir(cache_root: Path | None = None) -> Path:
     version = importlib.metadata.version("nvidia-pytriton")
     name = f"pytriton-{version}-py{py}"
 
-    candidates = [cache_root] if cache_root else [
-        _default_cache_root(),
-        Path(tempfile.gettempdir()) / f"tierflow-triton-{os.getuid()}",
-    ]
+    candidates = (
+        [cache_root]
+        if cache_root
+        else [
+            _default_cache_root(),
+            Path(tempfile.gettempdir()) / f"tierflow-triton-{os.getuid()}",
+        ]
+    )
     last_error: OSError | None = None
     for base in candidates:
         target = Path(base) / name
@@ -154,7 +158,9 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     all_lines = text.splitlines()
     # A bad flag makes tritonserver print its complaint and then ~300 lines of usage;
     # the complaint is the useful part.
-    usage = next((i for i, line in enumerate(all_lines) if line.startswith("Usage: tritonserver")), None)
+    usage = next(
+        (i for i, line in enumerate(all_lines) if line.startswith("Usage: tritonserver")), None
+    )
     if usage is not None:
         all_lines = all_lines[:usage]
     return "\n".join(all_lines[-lines:])
@@ -217,7 +223,11 @@ def _poll_ready(
                 if ready:
                     pending.remove(model)
                 elif failed_fast and state == "UNAVAILABLE" and reason:
-                    others = [m for m in pending if m != model and states.get(m, ("",))[0] == "UNAVAILABLE"]
+                    others = [
+                        m
+                        for m in pending
+                        if m != model and states.get(m, ("",))[0] == "UNAVAILABLE"
+                    ]
                     also = f" (also failed: {', '.join(others)})" if others else ""
                     raise ModelError(model, f"failed to load on {url}: {reason}{also}")
             if pending and time.monotonic() > deadline:
@@ -526,7 +536,7 @@ class TritonServer:
         if not keep_log and log_dir is not None:
             shutil.rmtree(log_dir, ignore_errors=True)
 
-    def __enter__(self) -> TritonServer:
+    def __enter__(self) -> TritonServer:  # noqa: PYI034 - no typing_extensions dependency
         return self.start()
 
     def __exit__(
@@ -624,4 +634,3 @@ def serve(
             echo("Stopping Triton…")
     echo("Triton stopped.")
     return 0
-

@@ -60,19 +60,19 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         try:
-            parts = [
-                pb_utils.get_input_tensor_by_name(r, "FEATURES").as_numpy() for r in requests
-            ]
+            parts = [pb_utils.get_input_tensor_by_name(r, "FEATURES").as_numpy() for r in requests]
             sizes = [len(p) for p in parts]
             out = forward(np.concatenate(parts, axis=0))
-        except Exception as exc:  # one bad batch must not kill the stub
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the stub
             error = pb_utils.TritonError(f"{self.model_name}: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = []
         start = 0
         for size in sizes:
             stop = start + size
-            tensors = [pb_utils.Tensor(k, np.ascontiguousarray(v[start:stop])) for k, v in out.items()]
+            tensors = [
+                pb_utils.Tensor(k, np.ascontiguousarray(v[start:stop])) for k, v in out.items()
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start = stop
         return responses
