@@ -189,7 +189,10 @@ class Executor:
             if self.progress_out:
                 from rich.console import Console
 
-                Console(file=self.progress_out).print(summary_table(self.views, elapsed))
+                console = Console(file=self.progress_out)
+                if not console.is_terminal:
+                    console.width = 120  # logs and pipes: do not squeeze the summary to 80
+                console.print(summary_table(self.views, elapsed))
         return self.report
 
     def _outcome(self, ref: Any, d: Dispatch, actor: Any, pools: dict[int, ActorPool]) -> Outcome:
