@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from tierflow.errors import CacheError, TierUnavailable
 
-__all__ = ["Counters", "Tier", "TierBase", "TierStats", "scrub", "tier_errors"]
+__all__ = ["Counters", "Tier", "TierBase", "TierStats", "scrub", "tier_errors", "unavailable_error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,13 @@ class Counters:
         with self._lock:
             for name, delta in deltas.items():
                 self._values[name] += delta
+
+    def hit(self, nbytes: int) -> None:
+        """Count one hit of ``nbytes`` (the hot path, without keyword parsing)."""
+        with self._lock:
+            values = self._values
+            values["hits"] += 1
+            values["bytes_read"] += nbytes
 
     def snapshot(self, name: str, kind: str, **extra: int | None) -> TierStats:
         """Freeze the current values into a :class:`TierStats`."""
@@ -170,23 +177,40 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     return _unavailable_types
 
 
-@contextlib.contextmanager
-def tier_errors(tier: str, secrets: Sequence[str] = ()) -> Iterator[None]:
+def unavailable_error(tier: str, exc: BaseException, secrets: Sequence[str] = ()) -> TierUnavailable | None:
+    """The :class:`TierUnavailable` that ``exc`` means, or ``None`` if it is not a medium failure."""
+    if isinstance(exc, CacheError) or not isinstance(exc, _unavailable_errors()):
+        return None
+    return TierUnavailable(tier, scrub(f"{type(exc).__name__}: {exc}", secrets))
+
+
+class tier_errors:  # noqa: N801 - used like a function: ``with tier_errors(name):``
     """Translate third-party failures inside the block into :class:`TierUnavailable`.
 
     The single place where lmdb, fsspec, botocore, aiohttp and OS errors become tierflow
     errors. :class:`CacheError` passes through unchanged; the original exception stays
     attached as ``__cause__``. The reason names the exception type and message with every
-    resolved secret replaced by ``***``.
+    resolved secret replaced by ``***``. (A class, not a generator, because it sits on
+    every read's hot path.)
 
     Args:
         tier: The tier's name (``remote:s3://bucket/prefix``).
         secrets: Resolved credential values to scrub from the message.
     """
-    try:
-        yield
-    except CacheError:
-        raise
-    except _unavailable_errors() as exc:
-        reason = scrub(f"{type(exc).__name__}: {exc}", secrets)
-        raise TierUnavailable(tier, reason) from exc
+
+    __slots__ = ("secrets", "tier")
+
+    def __init__(self, tier: str, secrets: Sequence[str] = ()) -> None:
+        self.tier = tier
+        self.secrets = secrets
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            return False
+        error = unavailable_error(self.tier, exc, self.secrets)
+        if error is None:
+            return False
+        raise error from exc

@@ -90,6 +90,10 @@ class Content(enum.IntEnum):
     """Opaque bytes, returned unchanged (journals, manifests)."""
 
 
+_CODECS = {int(c): c for c in Codec}
+_CONTENTS = {int(c): c for c in Content}
+
+
 @dataclass(frozen=True, slots=True)
 class Header:
     """A parsed frame header."""
@@ -160,9 +164,11 @@ def read_header(data: bytes | memoryview, key: str) -> Header:
         raise CorruptObject(key, f"bad magic {magic!r}")
     if version != FORMAT_VERSION:
         raise CorruptObject(key, f"unsupported format version {version}")
-    if codec not in Codec._value2member_map_:
+    codec_enum = _CODECS.get(codec)
+    if codec_enum is None:
         raise CorruptObject(key, f"unknown codec {codec}")
-    if content not in Content._value2member_map_:
+    content_enum = _CONTENTS.get(content)
+    if content_enum is None:
         raise CorruptObject(key, f"unknown content type {content}")
     if reserved != 0:
         raise CorruptObject(key, f"reserved header byte is {reserved}, not 0")
@@ -174,7 +180,7 @@ def read_header(data: bytes | memoryview, key: str) -> Header:
         raise CorruptObject(key, f"raw length {raw_length} != stored length {stored_length}")
     if codec == Codec.ZSTD and raw_length > max(stored_length, 1) * _MAX_RATIO:
         raise CorruptObject(key, f"implausible raw length {raw_length}")
-    return Header(version, Codec(codec), Content(content), raw_length, stored_length, checksum)
+    return Header(version, codec_enum, content_enum, raw_length, stored_length, checksum)
 
 
 def verify(data: bytes | memoryview, key: str) -> Header:

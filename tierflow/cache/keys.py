@@ -29,6 +29,7 @@ BlockKey(pipeline='demo', fingerprint='3f9a1c0e', stage='clean', index=42)
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -88,6 +89,12 @@ def validate_key(key: str) -> str:
     """
     if not isinstance(key, str):
         raise InvalidKey(f"invalid cache key {key!r}: not a string")
+    return _validate(key)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _validate(key: str) -> str:
+    # Cached: the same key is checked by the cache and then by each tier it visits.
     if not key:
         raise InvalidKey("invalid cache key '': empty")
     if len(key) > MAX_KEY_LEN:

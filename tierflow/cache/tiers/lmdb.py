@@ -92,9 +92,8 @@ class _EnvHandle:
         self._active = 0
         self._closing = False
 
-    @contextlib.contextmanager
-    def use(self) -> Iterator[tuple[lmdb.Environment, dict[bytes, Any]]]:
-        """Hold the environment open for the duration of one operation."""
+    def acquire(self) -> tuple[lmdb.Environment, dict[bytes, Any]]:
+        """Open if needed and hold the environment for one operation; pair with release()."""
         with self._cond:
             while self._closing:
                 self._cond.wait()
@@ -106,14 +105,24 @@ class _EnvHandle:
             if self._env is None:
                 self._open()
             self._active += 1
-            env, dbs = self._env, self._dbs
-        try:
-            assert env is not None
-            yield env, dbs
-        finally:
-            with self._cond:
-                self._active -= 1
+            assert self._env is not None
+            return self._env, self._dbs
+
+    def release(self) -> None:
+        """End an operation started with acquire()."""
+        with self._cond:
+            self._active -= 1
+            if self._closing:
                 self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[tuple[lmdb.Environment, dict[bytes, Any]]]:
+        """Hold the environment open for the duration of one operation."""
+        opened = self.acquire()
+        try:
+            yield opened
+        finally:
+            self.release()
 
     def _open(self) -> None:
         os.makedirs(self.path, exist_ok=True)
@@ -146,6 +155,32 @@ class _EnvHandle:
             finally:
                 self._closing = False
                 self._cond.notify_all()
+
+
+class _Session:
+    """One operation on an environment: hold it open, translate errors at the edge.
+
+    A class rather than a generator context manager: it is on every read's hot path.
+    """
+
+    __slots__ = ("_errors", "_handle")
+
+    def __init__(self, handle: _EnvHandle | None, name: str) -> None:
+        if handle is None:
+            raise TierUnavailable(name, "closed")
+        self._handle = handle
+        self._errors = tier_errors(name)
+
+    def __enter__(self) -> tuple[lmdb.Environment, dict[bytes, Any]]:
+        try:
+            return self._handle.acquire()
+        except BaseException as exc:
+            self._errors.__exit__(type(exc), exc, None)
+            raise
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        self._handle.release()
+        return self._errors.__exit__(exc_type, exc, tb)
 
 
 _HANDLES: dict[str, _EnvHandle] = {}
@@ -231,12 +266,8 @@ class LmdbTier(TierBase):
 
     # -- plumbing ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _env(self) -> Iterator[tuple[lmdb.Environment, dict[bytes, Any]]]:
-        if self._handle is None:
-            raise TierUnavailable(self.name, "closed")
-        with tier_errors(self.name), self._handle.use() as opened:
-            yield opened
+    def _env(self) -> _Session:
+        return _Session(self._handle, self.name)
 
     def _apply_touches(self, txn: lmdb.Transaction, dbs: dict[bytes, Any]) -> None:
         with self._touch_lock:
@@ -347,7 +378,7 @@ class LmdbTier(TierBase):
             except CorruptObject:
                 self._counters.add(corrupt=1)
                 raise
-        self._counters.add(hits=1, bytes_read=len(data))
+        self._counters.hit(len(data))
         with self._touch_lock:
             self._touched[kb] = self._clock()
             flush = len(self._touched) >= _TOUCH_FLUSH_AT

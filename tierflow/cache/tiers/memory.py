@@ -59,7 +59,7 @@ class MemoryTier(TierBase):
         if value is None:
             self._counters.add(misses=1)
         else:
-            self._counters.add(hits=1, bytes_read=len(value))
+            self._counters.hit(len(value))
         return value
 
     def put(self, key: str, value: bytes) -> None:
