@@ -58,6 +58,68 @@ def run(manifest: str, address: str | None, quiet: bool) -> None:
 
 
 @main.group()
+def cache() -> None:
+    """Inspect and clean the block cache (this node's LMDB and the durable store)."""
+
+
+_manifest_opt = click.option(
+    "-m", "--manifest", type=click.Path(dir_okay=False, exists=True), default=None,
+    help="Use this manifest's cache section (default: the embedded defaults, ./.tierflow).",
+)
+_pipeline_opt = click.option("--pipeline", default=None, help="Only this pipeline's blocks.")
+
+
+def _open_cache(manifest: str | None):  # type: ignore[no-untyped-def]
+    from tierflow.cache import get_cache
+    from tierflow.manifest import CacheConfig, load_manifest
+    from tierflow.run import cache_settings_from
+
+    if manifest:
+        m = load_manifest(manifest)
+        return get_cache(cache_settings_from(m.cache, m.resolve))
+    return get_cache(cache_settings_from(CacheConfig(), lambda p: str(Path(p).resolve())))
+
+
+@cache.command("stats")
+@_manifest_opt
+def cache_stats(manifest: str | None) -> None:
+    """Counters and per-tier usage, as JSON."""
+    click.echo(json.dumps(_open_cache(manifest).stats().as_dict(), indent=1))
+
+
+@cache.command("ls")
+@_manifest_opt
+@_pipeline_opt
+def cache_ls(manifest: str | None, pipeline: str | None) -> None:
+    """List block keys."""
+    for key in _open_cache(manifest).list(f"{pipeline}/" if pipeline else ""):
+        click.echo(key)
+
+
+@cache.command("verify")
+@_manifest_opt
+@_pipeline_opt
+@click.option("--no-repair", is_flag=True, help="Only report bad copies.")
+def cache_verify(manifest: str | None, pipeline: str | None, no_repair: bool) -> None:
+    """Read and checksum every copy; repair bad copies from good ones (exit 1 if any is lost)."""
+    report = _open_cache(manifest).verify(f"{pipeline}/" if pipeline else "", repair=not no_repair)
+    click.echo(f"checked {report.checked} copies: {len(report.corrupt)} corrupt, "
+               f"{len(report.repaired)} repaired, {len(report.lost)} lost")
+    for key in report.lost:
+        click.echo(f"lost: {key}", err=True)
+    sys.exit(0 if report.ok else 1)
+
+
+@cache.command("gc")
+@_manifest_opt
+@_pipeline_opt
+def cache_gc(manifest: str | None, pipeline: str | None) -> None:
+    """Delete cached blocks (one pipeline's, or all)."""
+    n = _open_cache(manifest).gc(pipeline)
+    click.echo(f"deleted {n} blocks")
+
+
+@main.group()
 def triton() -> None:
     """The Triton model repository."""
 

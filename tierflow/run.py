@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,7 +22,7 @@ from tierflow.cache.settings import CacheSettings
 from tierflow.checks import check_manifest
 from tierflow.engine.executor import Executor
 from tierflow.io.sink import Sink
-from tierflow.manifest import Manifest, TritonStage, load_manifest
+from tierflow.manifest import CacheConfig, Manifest, TritonStage, load_manifest
 from tierflow.plan import Plan, make_plan
 from tierflow.triton.repository import model_digest
 from tierflow.triton.server import TritonServer, wait_until_ready
@@ -31,9 +31,13 @@ REPORT_NAME = "report.json"
 
 
 def cache_settings(manifest: Manifest) -> CacheSettings:
-    c = manifest.cache
+    return cache_settings_from(manifest.cache, manifest.resolve)
+
+
+def cache_settings_from(c: CacheConfig, resolve: Callable[[str], str]) -> CacheSettings:
+    """The manifest's ``cache:`` section as the settings shipped to every worker."""
     return CacheSettings(
-        root=manifest.resolve(c.dir),
+        root=resolve(c.dir),
         memory_bytes=c.memory_bytes,
         lmdb_bytes=c.lmdb_bytes,
         lmdb_map_size=max(c.lmdb_bytes * 2, 1 << 30),
