@@ -154,3 +154,19 @@ def test_bad_manifest_is_rejected_before_any_cluster_work(tmp_path: Path) -> Non
         assert "stages[1]" in res.stderr and "'gpu'" in res.stderr
         assert time.monotonic() - started < 30  # no Ray start, no Triton start
     assert not (ex / ".tierflow").exists()
+
+
+def test_intermediate_blocks_are_deleted_unless_checkpointed(tmp_path: Path) -> None:
+    ex = make_example(tmp_path / "ex", rows=600)
+    (ex / "flaky.py").write_text(FLAKY)
+    doc = yaml.safe_load(FAILING)
+    doc["stages"][1]["params"] = {"bad_id": -1}
+    doc["stages"].append({"name": "last", "kind": "python", "fn": "flaky:passthrough", "checkpoint": True})
+    doc["stages"][0]["checkpoint"] = True
+    (ex / "ok.yaml").write_text(yaml.safe_dump(doc))
+    res = tierflow("run", "--quiet", str(ex / "ok.yaml"))
+    assert res.returncode == 0, res.stderr
+    keys = tierflow("cache", "ls", "-m", str(ex / "ok.yaml"), "--pipeline", "failing").stdout.split()
+    stages = sorted({k.split("/")[2] for k in keys})
+    assert stages == ["last", "ok"]  # 'explode' was consumed and dropped; checkpoints kept
+    assert len(keys) == 12

@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from tierflow.cache.settings import CacheSettings
 from tierflow.engine.progress import Progress, StepView, summary_table
-from tierflow.engine.runners import Outcome, StageActor, run_task, sink_task
+from tierflow.engine.runners import Outcome, StageActor, delete_blocks, run_task, sink_task
 from tierflow.engine.state import Completed, Dispatch, Failed, PipelineState
 from tierflow.errors import StageError, TierflowError
 from tierflow.io.sink import PartMeta, Sink
@@ -29,6 +29,7 @@ from tierflow.manifest import PythonStage
 from tierflow.plan import Plan, StagePlan
 
 SINK_CONCURRENCY = 2
+DELETE_BATCH = 64
 ACTOR_START_TIMEOUT_S = 120.0
 
 
@@ -94,6 +95,8 @@ class Executor:
     progress_out: Any = None
     views: list[StepView] = field(init=False)
     parts: dict[int, PartMeta] = field(init=False, default_factory=dict)
+    _garbage: list[str] = field(init=False, default_factory=list)
+    _deletions: list[Any] = field(init=False, default_factory=list)
 
     def run(self) -> dict[str, Any]:
         """Run every block through every stage and the sink; commit the sink.
@@ -165,10 +168,12 @@ class Executor:
                     d, actor = pending.pop(ref)
                     outcome = self._outcome(ref, d, actor, pools)
                     submit(state.handle(self._event(d, outcome)))
+                self._collect_garbage(settings_ref)
                 self._sync_views(state)
                 if progress:
                     progress.refresh()
             self._sync_views(state)
+            self._collect_garbage(settings_ref, final=True)
             if state.fatal is not None:
                 f = state.fatal
                 self.views[f.step].failed = True
@@ -214,7 +219,20 @@ class Executor:
         view.rows_out += outcome.meta.rows
         if d.step == len(self.plan.stages):
             self.parts[d.block] = outcome.meta
+        if d.step > 0 and not self.plan.stages[d.step - 1].config.checkpoint:
+            self._garbage.append(self.plan.key(d.step - 1, d.block))  # its only reader is done
         return Completed(d.step, d.block)
+
+    def _collect_garbage(self, settings_ref: Any, final: bool = False) -> None:
+        """Delete consumed intermediate blocks in batches, off the driver's loop."""
+        if self._garbage and (final or len(self._garbage) >= DELETE_BATCH):
+            if self._deletions:  # forget finished batches
+                _, self._deletions = ray.wait(self._deletions, num_returns=len(self._deletions), timeout=0)
+            self._deletions.append(delete_blocks.remote(self._garbage, settings_ref))
+            self._garbage = []
+        if final and self._deletions:
+            ray.get(self._deletions)
+            self._deletions = []
 
     def _sync_views(self, state: PipelineState) -> None:
         now = time.monotonic()

@@ -150,6 +150,13 @@ def sink_task(sink: Sink, in_key: str, block: int, settings: CacheSettings) -> O
     return write_part(sink, in_key, block, settings)
 
 
+@ray.remote(max_retries=3)
+def delete_blocks(keys: list[str], settings: CacheSettings) -> int:
+    """Drop intermediate blocks no later step needs. Idempotent, so Ray may retry it."""
+    cache = get_cache(settings)
+    return sum(bool(cache.delete(k)) for k in keys)
+
+
 @ray.remote(max_restarts=3, max_task_retries=0)
 class StageActor:
     """A stateful or model stage: the transform (class instance, Triton client) is built
