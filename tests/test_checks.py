@@ -133,3 +133,11 @@ def test_editing_stage_code_changes_its_fingerprint(example_dir: Path) -> None:
     sys.modules.pop("review_stages", None)
     after = make_plan(load_manifest(example_dir / "reviews.yaml"), digest)
     assert all(a.fingerprint != b.fingerprint for a, b in zip(before.stages, after.stages))
+
+
+def test_clear_text_credentials_are_rejected(example_dir: Path) -> None:
+    p = edit(example_dir, lambda d: d["sink"].update(storage_options={"secret": "hunter2"}))
+    [(loc, reason)] = problems(p)
+    assert loc == "sink.storage_options" and "${VAR}" in reason and "hunter2" not in reason
+    ok = edit(example_dir, lambda d: d["sink"].update(storage_options={"secret": "${S3_SECRET}"}))
+    check_manifest(load_manifest(ok), str(ok))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from tierflow.cache.settings import CacheSettings
 from tierflow.code import add_import_paths, load_object
 from tierflow.errors import ManifestError, ModelError
 from tierflow.io.source import Source
@@ -67,6 +68,12 @@ def _fits(column: pa.DataType, spec: TensorSpec) -> bool:
 def check_manifest(manifest: Manifest, path: str) -> None:
     """Raise ManifestError listing every problem found; return quietly when there is none."""
     problems: list[tuple[str, str]] = []
+    for section, options in (("source", manifest.source.storage_options), ("sink", manifest.sink.storage_options),
+                             ("cache", manifest.cache.storage_options)):
+        try:  # the cache's own rule: credentials only as ${VAR}, never in the manifest text
+            CacheSettings(root=".", storage_options=options)
+        except ValueError as exc:
+            problems.append((f"{section}.storage_options", str(exc)))
     add_import_paths([manifest.base_dir])
     columns = _source_columns(manifest, problems)
     has_triton = any(isinstance(s, TritonStage) for s in manifest.stages)
