@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,7 +59,20 @@ class S3Endpoint:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Endpoint]:
     """A real S3 endpoint: moto's ``ThreadedMotoServer`` on a free port (as s3fs's own
-    tests do). Session scope, ~1 s to start."""
+    tests do). Session scope, ~1 s to start.
+
+    With ``TIERFLOW_TEST_S3_ENDPOINT`` set (e.g. a local SeaweedFS on
+    ``http://127.0.0.1:8333``, see ``storage/README.md``) that server is used instead, with
+    ``TIERFLOW_TEST_S3_KEY`` / ``TIERFLOW_TEST_S3_SECRET`` as its key pair.
+    """
+    external = os.environ.get("TIERFLOW_TEST_S3_ENDPOINT")
+    if external:
+        yield S3Endpoint(
+            endpoint_url=external,
+            key=os.environ.get("TIERFLOW_TEST_S3_KEY", "tierflow-test-key"),
+            secret=os.environ.get("TIERFLOW_TEST_S3_SECRET", "tierflow-test-secret-d0n0tl0g"),
+        )
+        return
     moto_server = pytest.importorskip("moto.server")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
