@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -168,3 +170,28 @@ def test_serve_prints_urls_and_stops_cleanly() -> None:
     assert "gRPC     127.0.0.1:" in text and "HTTP     http://127.0.0.1:" in text
     assert "mlp_classifier, text_embedder" in text
     assert lines[-1] == "Triton stopped."
+
+
+def test_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """A driver killed by SIGKILL must not leave an orphaned tritonserver behind."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tierflow.triton.server import TritonServer\n"
+        f"s = TritonServer(Path({str(REPO)!r}), models=['mlp_classifier']).start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        server_pid = int(owner.stdout.readline())
+        assert _pid_alive(server_pid)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 20
+    while _pid_alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _pid_alive(server_pid)

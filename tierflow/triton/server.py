@@ -23,6 +23,7 @@ carrying Triton's own reason from the repository index.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import os
 import shutil
@@ -265,6 +266,32 @@ class _PortInUse(Exception):
     """Internal: the server lost a race for a port we picked; retried with new ports."""
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the server when this process dies.
+
+    Without it a driver killed by SIGKILL (or by SIGTERM, which skips finalizers) leaves an
+    orphaned tritonserver holding its ports. ``PR_SET_PDEATHSIG`` fires when the *thread*
+    that started the child exits, so it is only used from the main thread, whose exit is
+    the process's.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not after fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_pdeathsig() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_pdeathsig
+
+
 def _terminate_group(proc: subprocess.Popen[bytes]) -> None:
     """Last-resort kill of the server and its stub processes (its own session)."""
     if proc.poll() is None:
@@ -465,6 +492,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only prctl, resolved before fork
             )
         self._finalizer = weakref.finalize(self, _terminate_group, self._proc)
 
