@@ -95,6 +95,9 @@ class CacheSettings:
     Attributes:
         root: Local directory. The node's LMDB environment lives in ``<root>/lmdb`` and,
             when ``remote_url`` is ``None``, the durable store is ``file://<root>/store``.
+            ``{node}`` in it is replaced by the node id, which gives each of several Ray
+            nodes on one machine (test clusters) its own environment; it then needs an
+            explicit ``remote_url``.
         memory_bytes: Capacity of the in-process memory tier (0 disables it).
         lmdb_bytes: Capacity of the LMDB tier (sum of stored value sizes); least recently
             used blocks whose durable copy exists are evicted beyond it.
@@ -135,6 +138,8 @@ class CacheSettings:
             raise ValueError("replicas must be >= 1")
         if self.remote_timeout_s <= 0:
             raise ValueError("remote_timeout_s must be > 0")
+        if "{node}" in self.root and self.remote_url is None:
+            raise ValueError("a root with {node} needs an explicit remote_url (a shared store)")
         for name, value in self.storage_options.items():
             if not isinstance(name, str):
                 raise ValueError(f"storage_options key {name!r} is not a string")
@@ -155,8 +160,13 @@ class CacheSettings:
 
     @property
     def lmdb_path(self) -> str:
-        """Directory of the node's LMDB environment."""
-        return os.path.join(os.path.abspath(self.root), "lmdb")
+        """Directory of the node's LMDB environment (``root`` without ``{node}``)."""
+        return self.lmdb_path_for("")
+
+    def lmdb_path_for(self, node_id: str) -> str:
+        """Directory of node ``node_id``'s LMDB environment."""
+        root = self.root.replace("{node}", node_id)
+        return os.path.join(os.path.abspath(root), "lmdb")
 
 
 def _resolve(value: Any, environ: Mapping[str, str], name: str) -> Any:

@@ -116,14 +116,20 @@ class VerifyReport:
 
 
 class Peers(Protocol):
-    """Copies on other nodes (implemented with Ray actors in ``node_server``)."""
+    """Copies on other nodes (implemented with Ray actors in ``node_server``).
 
-    def replicate(self, key: str, frame: bytes, count: int) -> list[str]:
-        """Write ``frame`` to ``count`` other nodes; return their location names."""
+    Implementations raise :class:`~tierflow.errors.TierUnavailable` only when no peer
+    could be asked at all; a single unreachable peer is skipped.
+    """
+
+    def replicate(self, key: str, frame: bytes, count: int, *, pinned: bool) -> list[str]:
+        """Write ``frame`` to ``count`` other nodes' LMDB (pinned: not evictable until
+        durable); return the location names written (may be fewer than ``count``)."""
         ...
 
-    def fetch(self, key: str) -> tuple[bytes, str] | None:
-        """Read a verified frame from some other node: ``(frame, location)`` or ``None``."""
+    def fetch(self, key: str, hints: Sequence[str] = ()) -> tuple[bytes, str] | None:
+        """Read a verified frame from another node, trying the ``lmdb:<node>`` locations in
+        ``hints`` first: ``(frame, location)`` or ``None``."""
         ...
 
     def delete(self, key: str) -> int:
@@ -172,7 +178,9 @@ class TieredCache:
             memory = MemoryTier(settings.memory_bytes, name=f"memory:{self.node_id}")
         self.memory = memory
         self.lmdb = lmdb if lmdb is not None else LmdbTier(
-            settings.lmdb_path, capacity_bytes=settings.lmdb_bytes, map_size=settings.lmdb_map_size
+            settings.lmdb_path_for(self.node_id),
+            capacity_bytes=settings.lmdb_bytes,
+            map_size=settings.lmdb_map_size,
         )
         self.remote: Tier = remote if remote is not None else RemoteTier(
             settings.durable_url, settings.storage_options, timeout_s=settings.remote_timeout_s
@@ -227,11 +235,16 @@ class TieredCache:
 
     # -- reads ------------------------------------------------------------------------
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, *, locations: Sequence[str] = ()) -> bytes | None:
         """Return a verified, uncompressed frame for ``key`` from the fastest good copy.
 
         Promotes the hit into faster tiers and rewrites any bad copy met on the way.
         Never raises for an unavailable tier; it is skipped and counted in :meth:`stats`.
+
+        Args:
+            key: Block key.
+            locations: Where the block was written (``BlockMeta.locations``): peer nodes
+                named there are asked first.
 
         Returns:
             The frame, or ``None`` when no tier has a good copy.
@@ -249,7 +262,7 @@ class TieredCache:
         data = self._read(self.lmdb, key, corrupt)
         source = "lmdb"
         if data is None and self.peers is not None:
-            found = self._fetch_peer(key)
+            found = self._fetch_peer(key, locations)
             if found is not None:
                 data, source = found[0], "peer"
         if data is None:
@@ -267,10 +280,10 @@ class TieredCache:
         self._promote(key, data, source, corrupt)
         return data
 
-    def _fetch_peer(self, key: str) -> tuple[bytes, str] | None:
+    def _fetch_peer(self, key: str, hints: Sequence[str]) -> tuple[bytes, str] | None:
         assert self.peers is not None
         try:
-            found = self.peers.fetch(key)
+            found = self.peers.fetch(key, [h for h in hints if h != self.local_location])
         except TierUnavailable:
             self._count("unavailable_peer")
             return None
@@ -311,25 +324,25 @@ class TieredCache:
         except TierUnavailable:
             return default
 
-    def get_table(self, key: str) -> pa.Table:
-        """Return the block's table.
+    def get_table(self, key: str, *, locations: Sequence[str] = ()) -> pa.Table:
+        """Return the block's table (see :meth:`get` for ``locations``).
 
         Raises:
             ReplicaLost: No tier holds a good copy (the message lists the tiers tried).
             CorruptObject: The only good frame holds opaque bytes, not a table.
         """
-        data = self.get(key)
+        data = self.get(key, locations=locations)
         if data is None:
             raise ReplicaLost(key, self._tried())
         return codec.decode_table_unchecked(data, key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, locations: Sequence[str] = ()) -> bytes:
         """Return opaque bytes stored with :meth:`put_bytes`.
 
         Raises:
             ReplicaLost: No tier holds a good copy.
         """
-        data = self.get(key)
+        data = self.get(key, locations=locations)
         if data is None:
             raise ReplicaLost(key, self._tried())
         header, raw = codec.unframe(data, key, checked=False)
@@ -409,7 +422,7 @@ class TieredCache:
         wanted_peers = self.settings.replicas - len(locations) - (1 if write_remote else 0)
         if wanted_peers > 0 and self.peers is not None:
             try:
-                locations += self.peers.replicate(key, local, wanted_peers)
+                locations += self.peers.replicate(key, local, wanted_peers, pinned=not write_remote)
             except TierUnavailable:
                 self._count("unavailable_peer")
 
@@ -619,7 +632,10 @@ _CACHES_LOCK = threading.Lock()
 def get_cache(settings: CacheSettings) -> TieredCache:
     """This process's cache for ``settings``, opened once and reopened after ``fork``.
 
-    Each Ray worker process therefore opens its node's LMDB environment exactly once.
+    Each Ray worker process therefore opens its node's LMDB environment exactly once. In a
+    process where Ray is initialized, the cache's node id is the Ray node id and peer
+    replicas go through the cache servers started by
+    :func:`tierflow.cache.node_server.start_cache_servers`.
     """
     global _CACHES_PID
     with _CACHES_LOCK:
@@ -630,8 +646,18 @@ def get_cache(settings: CacheSettings) -> TieredCache:
             _CACHES_PID = os.getpid()
         cache = _CACHES.get(settings)
         if cache is None:
-            cache = _CACHES[settings] = TieredCache(settings)
+            cache = _CACHES[settings] = _open(settings)
         return cache
+
+
+def _open(settings: CacheSettings) -> TieredCache:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return TieredCache(settings)
+    from tierflow.cache.node_server import RayPeers  # Ray only where Ray already runs
+
+    node_id = _default_node_id()
+    return TieredCache(settings, node_id=node_id, peers=RayPeers(settings, node_id))
 
 
 def close_all() -> None:

@@ -1,0 +1,146 @@
+"""Per-node cache servers and peer replicas on a real multi-node Ray cluster
+(``ray.cluster_utils.Cluster``: a head and two worker nodes on this machine)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tierflow.cache.node_server import rendezvous
+from tierflow.cache.settings import CacheSettings
+
+pytestmark = pytest.mark.ray
+
+KEY = "demo/3f9a1c0e/clean/000007"
+
+
+def test_rendezvous_is_stable_and_spreads() -> None:
+    nodes = [f"n{i}" for i in range(5)]
+    assert rendezvous(KEY, nodes) == rendezvous(KEY, list(reversed(nodes)))
+    firsts = {rendezvous(f"demo/f/s/{i:06d}", nodes)[0] for i in range(200)}
+    assert firsts == set(nodes)
+    # Removing a node only moves the keys that were placed on it.
+    for i in range(100):
+        k = f"demo/f/s/{i:06d}"
+        before = [n for n in rendezvous(k, nodes) if n != "n3"]
+        assert before == rendezvous(k, [n for n in nodes if n != "n3"])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    import sys
+
+    # The tasks below are defined in this test package, which Ray workers cannot import:
+    # ship them by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=c.address)
+    c.wait_for_nodes()
+    try:
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def table() -> pa.Table:
+    return pa.table({"id": np.arange(50_000), "x": np.linspace(0, 1, 50_000)})
+
+
+def test_peer_replicas_survive_the_loss_of_the_writer_node(cluster: Any, tmp_path: Path) -> None:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tierflow.cache.node_server import start_cache_servers
+
+    c, workers = cluster
+    settings = CacheSettings(
+        root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store",
+        replicas=2, lmdb_map_size=1 << 30,
+    )
+    servers = start_cache_servers(settings)
+    assert len(servers) == 3
+
+    @ray.remote(num_cpus=1, max_retries=0)
+    def write(settings: CacheSettings) -> Any:
+        from tierflow.cache import get_cache
+
+        cache = get_cache(settings)
+        meta = cache.put_table(KEY, table(), durable=False)
+        return meta, cache.node_id
+
+    @ray.remote(num_cpus=1, max_retries=0)
+    def read(settings: CacheSettings, locations: tuple[str, ...]) -> Any:
+        from tierflow.cache import get_cache
+
+        cache = get_cache(settings)
+        return cache.get_table(KEY, locations=locations), cache.node_id, dict(cache.stats().counters)
+
+    writer_node = workers[0].node_id
+    pin = lambda n: NodeAffinitySchedulingStrategy(n, soft=False)  # noqa: E731
+    meta, node = ray.get(write.options(scheduling_strategy=pin(writer_node)).remote(settings))
+    assert node == writer_node
+    assert meta.locations[0] == f"lmdb:{writer_node}" and len(meta.locations) == 2
+    peer = meta.locations[1].split(":", 1)[1]
+    assert peer != writer_node
+    assert not (tmp_path / "store").exists()  # durable=False: no remote copy at all
+
+    c.remove_node(workers[0])  # the writer's node is gone, with its LMDB copy
+    survivors = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    assert writer_node not in survivors and peer in survivors
+    reader_node = next(n for n in survivors if n != peer)
+    got, node, counters = ray.get(
+        read.options(scheduling_strategy=pin(reader_node)).remote(settings, meta.locations)
+    )
+    assert node == reader_node
+    assert got.equals(table())
+    assert counters.get("hits_peer") == 1  # read from the other node's copy, no recompute
+    # And the reader promoted it into its own node's LMDB.
+    got2, _, counters2 = ray.get(
+        read.options(scheduling_strategy=pin(reader_node)).remote(settings, ())
+    )
+    assert got2.equals(table())
+    assert counters2.get("hits_lmdb", 0) + counters2.get("hits_memory", 0) >= 1
+    assert counters2.get("hits_peer", 0) <= 1  # the second read did not go to the peer
+
+
+def test_durable_put_places_replicas_minus_one_copies_and_delete_reaches_peers(
+    cluster: Any, tmp_path: Path
+) -> None:
+    import ray
+
+    from tierflow.cache.node_server import server_name, start_cache_servers, NAMESPACE
+
+    settings = CacheSettings(
+        root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store",
+        replicas=3, lmdb_map_size=1 << 30,
+    )
+    start_cache_servers(settings)
+
+    @ray.remote(num_cpus=1, max_retries=0)
+    def put_then_delete(settings: CacheSettings) -> Any:
+        from tierflow.cache import get_cache
+
+        cache = get_cache(settings)
+        meta = cache.put_table(KEY, table())
+        held = [loc for loc in meta.locations if loc.startswith("lmdb:")]
+        existed = cache.delete(KEY)
+        return meta, held, existed, cache.contains(KEY)
+
+    meta, held, existed, still = ray.get(put_then_delete.remote(settings))
+    assert meta.locations[-1] == "remote" and len(meta.locations) == 3
+    assert len(set(held)) == 2 and existed and not still
+    peer = held[1].split(":", 1)[1]
+    server = ray.get_actor(server_name(peer), namespace=NAMESPACE)
+    assert ray.get(server.contains.remote(KEY)) is False

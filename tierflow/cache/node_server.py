@@ -1,0 +1,277 @@
+"""Per-node cache servers (Ray actors) and peer replicas across Ray nodes.
+
+Each Ray node runs one :class:`CacheServer` actor, pinned to the node with
+``NodeAffinitySchedulingStrategy(soft=False)``, named ``tierflow-cache-<node id>`` in the
+``tierflow`` namespace. It owns the writes that *other* nodes make into this node's LMDB
+environment (peer replicas) and serves this node's copies to other nodes. Workers on the
+node read and write their own node's environment directly (LMDB is multi-process safe);
+only cross-node traffic goes through the actor.
+
+Placement is rendezvous hashing: the peers of key ``K`` are the alive nodes with a server,
+ordered by ``xxh3_64(node id + K)``, skipping the writer. Every process computes the same
+order from the same node set, so readers know where to look without a directory; the
+writer's own node is known to readers through ``BlockMeta.locations``.
+
+How the engine uses it::
+
+    # driver, once, after ray.init() (and again after nodes join):
+    start_cache_servers(settings)
+    # in a task on any node:
+    cache = get_cache(settings)      # attaches RayPeers when Ray is initialized
+    meta = cache.put_table(key, table, durable=False)    # local LMDB + replicas-1 peers
+    table = cache.get_table(key, locations=meta.locations)
+    # driver, at shutdown:
+    stop_cache_servers()
+
+Ray errors are translated into :class:`~tierflow.errors.TierUnavailable` here, at this
+module's edge; one unreachable peer is skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+import xxhash
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from tierflow.cache import codec
+from tierflow.cache.settings import CacheSettings
+from tierflow.cache.tiers.lmdb import LmdbTier
+from tierflow.errors import CorruptObject, TierUnavailable
+
+__all__ = [
+    "NAMESPACE",
+    "CacheServer",
+    "RayPeers",
+    "alive_nodes",
+    "rendezvous",
+    "server_name",
+    "start_cache_servers",
+    "stop_cache_servers",
+]
+
+NAMESPACE = "tierflow"
+_PREFIX = "tierflow-cache-"
+
+
+def server_name(node_id: str) -> str:
+    """The actor name of node ``node_id``'s cache server."""
+    return _PREFIX + node_id
+
+
+def rendezvous(key: str, nodes: Sequence[str]) -> list[str]:
+    """``nodes`` in the placement order of ``key`` (highest random weight first)."""
+    return sorted(nodes, key=lambda n: xxhash.xxh3_64_intdigest(f"{n}/{key}".encode()), reverse=True)
+
+
+def location(node_id: str) -> str:
+    """Location name of a copy on node ``node_id``'s LMDB."""
+    return f"lmdb:{node_id}"
+
+
+def alive_nodes() -> list[str]:
+    """Ids of the Ray nodes that are alive."""
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+
+class CacheServer:
+    """One node's LMDB, served to other nodes. Run as a Ray actor (see module docstring).
+
+    Every read verifies the frame; a bad copy is deleted (so it is re-replicated rather
+    than served) and reported as a miss.
+    """
+
+    def __init__(self, settings: CacheSettings, node_id: str) -> None:
+        self.node_id = node_id
+        self.tier = LmdbTier(
+            settings.lmdb_path_for(node_id),
+            capacity_bytes=settings.lmdb_bytes,
+            map_size=settings.lmdb_map_size,
+        )
+        self.corrupt_dropped = 0
+
+    def node(self) -> str:
+        """This server's node id (also a readiness probe)."""
+        return self.node_id
+
+    def put(self, key: str, frame: bytes, pinned: bool) -> str:
+        """Verify and store a peer copy; returns its location name.
+
+        Raises:
+            CorruptObject: ``frame`` arrived damaged.
+            TierUnavailable: No room (``full:``) or the environment cannot be written.
+        """
+        codec.verify(frame, key)
+        self.tier.put(key, frame, pending=pinned)
+        return location(self.node_id)
+
+    def get(self, key: str) -> bytes | None:
+        """This node's verified copy of ``key``, or ``None``."""
+        try:
+            return self.tier.get(key)
+        except CorruptObject:
+            self.corrupt_dropped += 1
+            self.tier.delete(key)
+            return None
+
+    def contains(self, key: str) -> bool:
+        """Whether this node holds ``key``."""
+        return self.tier.contains(key)
+
+    def delete(self, key: str) -> bool:
+        """Drop this node's copy of ``key``."""
+        return self.tier.delete(key)
+
+    def mark_durable(self, key: str) -> bool:
+        """Unpin this node's copy of ``key``."""
+        return self.tier.mark_durable(key)
+
+    def stats(self) -> dict[str, Any]:
+        """This node's LMDB statistics."""
+        out = self.tier.stats().as_dict()
+        out["corrupt_dropped"] = self.corrupt_dropped
+        return out
+
+
+def start_cache_servers(settings: CacheSettings, nodes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Start (or find) one cache server on each alive node and wait until they answer.
+
+    Call from the driver after ``ray.init()``; call again after nodes join. Servers take
+    no CPU slot (``num_cpus=0``), belong to the calling job and live until
+    :func:`stop_cache_servers` or the driver's exit. A server that already runs is
+    reused as it is (its settings are not changed).
+
+    Returns:
+        ``{node id: actor handle}``.
+    """
+    remote_cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0)(CacheServer)
+    handles: dict[str, Any] = {}
+    for node_id in nodes if nodes is not None else alive_nodes():
+        handles[node_id] = remote_cls.options(  # type: ignore[attr-defined]
+            name=server_name(node_id),
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(settings, node_id)
+    ray.get([h.node.remote() for h in handles.values()])
+    # Named actors that are not detached die when their creator's handles are dropped
+    # (handles found by name do not count): keep the first handle of each server here for
+    # as long as this driver runs (or until stop_cache_servers()), never replace it.
+    for node_id, handle in handles.items():
+        _STARTED.setdefault(node_id, handle)
+    return handles
+
+
+def stop_cache_servers() -> None:
+    """Kill every cache server of this cluster (their LMDB data stays on disk)."""
+    for node_id in alive_nodes():
+        try:
+            ray.kill(ray.get_actor(server_name(node_id), namespace=NAMESPACE))
+        except ValueError:
+            continue
+    _STARTED.clear()
+
+
+_STARTED: dict[str, Any] = {}
+
+
+class RayPeers:
+    """:class:`~tierflow.cache.tiered.Peers` over the cluster's cache servers.
+
+    Args:
+        settings: Cache settings (``replicas`` and ``remote_timeout_s`` are used).
+        node_id: This process's node (never chosen as a peer).
+        refresh_s: How long the set of servers is reused before it is looked up again.
+    """
+
+    def __init__(self, settings: CacheSettings, node_id: str, *, refresh_s: float = 10.0) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._servers: dict[str, Any] = {}
+        self._looked_up = 0.0
+
+    def __reduce__(self) -> Any:
+        raise TypeError("RayPeers is per-process; build it from CacheSettings where needed")
+
+    def servers(self, *, refresh: bool = False) -> dict[str, Any]:
+        """``{node id: handle}`` of the other nodes' servers (cached for ``refresh_s``)."""
+        with self._lock:
+            if refresh or time.monotonic() - self._looked_up > self.refresh_s:
+                found: dict[str, Any] = {}
+                for node_id in alive_nodes():
+                    if node_id == self.node_id:
+                        continue
+                    try:
+                        found[node_id] = ray.get_actor(server_name(node_id), namespace=NAMESPACE)
+                    except ValueError:
+                        continue
+                self._servers, self._looked_up = found, time.monotonic()
+            return dict(self._servers)
+
+    def _forget(self, node_id: str) -> None:
+        with self._lock:
+            self._servers.pop(node_id, None)
+
+    def replicate(self, key: str, frame: bytes, count: int, *, pinned: bool) -> list[str]:
+        """Write ``frame`` to up to ``count`` peers in rendezvous order, skipping failures."""
+        servers = self.servers()
+        if not servers:
+            raise TierUnavailable("peers", "no cache server on any other node")
+        order = rendezvous(key, list(servers))
+        ref = ray.put(frame)
+        written: list[str] = []
+        pos = 0
+        while len(written) < count and pos < len(order):
+            batch = order[pos : pos + count - len(written)]
+            pos += len(batch)
+            calls = {n: servers[n].put.remote(key, ref, pinned) for n in batch}
+            for node_id, call in calls.items():
+                try:
+                    written.append(ray.get(call, timeout=self.settings.remote_timeout_s))
+                except ray.exceptions.RayError as exc:  # includes errors raised by the actor
+                    self._skip(node_id, exc)
+        return written
+
+    def fetch(self, key: str, hints: Sequence[str] = ()) -> tuple[bytes, str] | None:
+        """Ask the hinted nodes, then the key's first ``replicas`` rendezvous nodes."""
+        servers = self.servers()
+        hinted = [h.split(":", 1)[1] for h in hints if h.startswith("lmdb:")]
+        placed = rendezvous(key, list(servers))[: self.settings.replicas]
+        tried: set[str] = set()
+        for node_id in [*hinted, *placed]:
+            if node_id in tried or node_id == self.node_id:
+                continue
+            tried.add(node_id)
+            handle = servers.get(node_id)
+            if handle is None:
+                continue
+            try:
+                data = ray.get(handle.get.remote(key), timeout=self.settings.remote_timeout_s)
+            except ray.exceptions.RayError as exc:
+                self._skip(node_id, exc)
+                continue
+            if data is not None:
+                return data, location(node_id)
+        return None
+
+    def delete(self, key: str) -> int:
+        """Delete ``key`` on every other node; returns how many held it."""
+        servers = self.servers()
+        calls = {n: h.delete.remote(key) for n, h in servers.items()}
+        held = 0
+        for node_id, call in calls.items():
+            try:
+                held += bool(ray.get(call, timeout=self.settings.remote_timeout_s))
+            except ray.exceptions.RayError as exc:
+                self._skip(node_id, exc)
+        return held
+
+    def _skip(self, node_id: str, exc: BaseException) -> None:
+        if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError)):
+            self._forget(node_id)
