@@ -43,13 +43,17 @@ def validate(manifest: str, schema: bool) -> None:
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--address", default=None, help="Ray cluster to join ('auto' or ray://...); overrides ray.address.")
+@click.option("--fresh", is_flag=True, help="Start over: ignore what earlier runs committed.")
 @click.option("--quiet", is_flag=True, help="No live progress table.")
-def run(manifest: str, address: str | None, quiet: bool) -> None:
-    """Run MANIFEST: every block through every stage into the sink."""
+def run(manifest: str, address: str | None, fresh: bool, quiet: bool) -> None:
+    """Run MANIFEST: every block through every stage into the sink.
+
+    Re-running the same manifest resumes: committed blocks and sink parts are reused.
+    """
     from tierflow.run import run_pipeline
 
     try:
-        report = run_pipeline(manifest, address=address, progress_out=None if quiet else sys.stdout)
+        report = run_pipeline(manifest, address=address, fresh=fresh, progress_out=None if quiet else sys.stdout)
     except ManifestError as exc:
         _fail(exc, 2)
     except TierflowError as exc:

@@ -20,7 +20,10 @@ import ray
 
 from tierflow.cache.settings import CacheSettings
 from tierflow.checks import check_manifest
+from tierflow.cache import get_cache
 from tierflow.engine.executor import Executor
+from tierflow.engine.journal import Journal, journal_dir
+from tierflow.engine.resume import resume_points, sink_fingerprint
 from tierflow.io.sink import Sink
 from tierflow.manifest import CacheConfig, Manifest, TritonStage, load_manifest
 from tierflow.plan import Plan, make_plan
@@ -79,6 +82,7 @@ def ray_session(manifest: Manifest, address: str | None) -> Iterator[None]:
         kwargs["address"] = target
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kwargs["address"] = "local"  # a new embedded instance, even if `ray start` ran here
         kwargs["num_cpus"] = manifest.ray.num_cpus or max(os.cpu_count() or 1, _cpus_needed(manifest))
     ray.init(**kwargs)
     try:
@@ -119,30 +123,59 @@ def triton_endpoint(manifest: Manifest) -> Iterator[str | None]:
     yield cfg.url
 
 
+def open_journal(manifest: Manifest, settings: CacheSettings) -> Journal:
+    """The pipeline's journal in the durable store (empty when it has none yet)."""
+    url = journal_dir(settings.durable_url, manifest.name)
+    journal = Journal.load(url, dict(settings.storage_options))
+    journal.pipeline = manifest.name
+    return journal
+
+
 def run_pipeline(
     path: str | os.PathLike[str],
     *,
     address: str | None = None,
+    fresh: bool = False,
     progress_out: IO[str] | None = sys.stdout,
 ) -> dict[str, Any]:
-    """Run a manifest end to end; returns the run report (also written next to the cache).
+    """Run a manifest end to end, resuming what an earlier run committed (unless ``fresh``).
 
-    Raises ManifestError before any cluster work; StageError, InferenceError, SinkError
-    from the run itself.
+    Returns the run report, which is also written to ``<cache dir>/<pipeline>/report.json``
+    for every run that got past validation, failed ones included.
+
+    Raises:
+        ManifestError: before any cluster work.
+        PipelineBusy: another live driver runs this pipeline.
+        StageError, InferenceError, SinkError: from the run itself.
     """
     manifest = load_manifest(path)
     check_manifest(manifest, str(path))
     plan = plan_manifest(manifest)
     settings = cache_settings(manifest)
     sink = Sink(manifest.sink, manifest.resolve(manifest.sink.path))
-    executor = Executor(plan, sink, settings, progress_out=progress_out)
+    journal = open_journal(manifest, settings)
+    journal.acquire_lease()
+    if fresh:
+        journal = Journal(journal.url, journal.storage_options, pipeline=manifest.name, run_id=journal.run_id)
+    executor = Executor(plan, sink, settings, progress_out=progress_out, journal=journal)
+    state = "failed"
     try:
+        journal.begin(manifest.name, len(plan.blocks), {s.name: s.fingerprint for s in plan.stages},
+                      sink_fingerprint(plan))
+        cache = get_cache(settings)
+        executor.start_step = resume_points(plan, journal, sink.existing_parts(), cache.contains)
         with ray_session(manifest, address), triton_endpoint(manifest) as url:
             executor.triton_url = url
-            return executor.run()
+            report = executor.run()
+        state = "succeeded"
+        return report
     finally:
-        report = getattr(executor, "report", None)
-        if report is not None:
-            out = Path(settings.root) / manifest.name / REPORT_NAME
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=1))
+        journal.finish(state)
+        journal.release_lease()
+        report = getattr(executor, "report", None) or {
+            "pipeline": manifest.name, "status": "failed", "error": str(sys.exc_info()[1]),
+            "rows_out": 0, "stages": [],
+        }
+        out = Path(settings.root) / manifest.name / REPORT_NAME
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))

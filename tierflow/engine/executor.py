@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from tierflow.cache.settings import CacheSettings
+from tierflow.engine.journal import Journal
 from tierflow.engine.progress import Progress, StepView, summary_table
 from tierflow.engine.runners import Outcome, StageActor, delete_blocks, run_task, sink_task
 from tierflow.engine.state import Completed, Dispatch, Failed, PipelineState
@@ -93,6 +94,8 @@ class Executor:
     window: int | None = None
     max_attempts: int = 3
     progress_out: Any = None
+    journal: Journal | None = None
+    start_step: list[int] | None = None
     views: list[StepView] = field(init=False)
     parts: dict[int, PartMeta] = field(init=False, default_factory=dict)
     _garbage: list[str] = field(init=False, default_factory=list)
@@ -107,6 +110,9 @@ class Executor:
         plan, n = self.plan, len(self.plan.stages)
         self.views = [StepView(s.name, _kind(s), len(plan.blocks)) for s in plan.stages]
         self.views.append(StepView("sink", "parquet", len(plan.blocks)))
+        for first in self.start_step or ():
+            for view in self.views[:first]:
+                view.reused += 1  # committed by an earlier run: read, not recomputed
         started = time.monotonic()
         pools: dict[int, ActorPool] = {}
         progress = Progress(plan.manifest.name, self.views, self.progress_out) if self.progress_out else None
@@ -133,7 +139,7 @@ class Executor:
             for pool in pools.values():
                 pool.wait_ready(ACTOR_START_TIMEOUT_S)
             window = self.window or max(8, 2 * sum(limits))
-            state = PipelineState(len(plan.blocks), limits, window, self.max_attempts)
+            state = PipelineState(len(plan.blocks), limits, window, self.max_attempts, self.start_step)
             pending: dict[Any, tuple[Dispatch, Any]] = {}
 
             def submit(actions: list[Dispatch]) -> None:
@@ -142,6 +148,8 @@ class Executor:
                     view.started = view.started or time.monotonic()
                     view.executions += 1
                     view.retries += d.attempt > 1
+                    if self.start_step is not None and d.step < self.start_step[d.block]:
+                        view.reexecutions += 1  # must stay 0: committed work is never redone
                     actor = None
                     if d.step == n:
                         ref = sink_task.remote(self.sink, plan.key(n - 1, d.block), d.block, settings_ref)
@@ -168,18 +176,24 @@ class Executor:
                     d, actor = pending.pop(ref)
                     outcome = self._outcome(ref, d, actor, pools)
                     submit(state.handle(self._event(d, outcome)))
-                self._collect_garbage(settings_ref)
+                flushed = self.journal.flush() if self.journal is not None else False
+                self._collect_garbage(settings_ref, now=flushed)
                 self._sync_views(state)
                 if progress:
                     progress.refresh()
             self._sync_views(state)
-            self._collect_garbage(settings_ref, final=True)
+            if self.journal is not None:
+                self.journal.flush(force=True)
+            self._collect_garbage(settings_ref, now=True, wait=True)
             if state.fatal is not None:
                 f = state.fatal
                 self.views[f.step].failed = True
                 name = self.views[f.step].name
                 raise StageError(name, f.block, f.error.splitlines()[0] if f.error else "failed")
-            self.sink.commit([self.parts[b] for b in sorted(self.parts)], {"pipeline": plan.manifest.name})
+            parts = self.journal.parts if self.journal is not None else self.parts
+            if self.journal is not None:
+                self.journal.flush(force=True)  # every part is journaled before _SUCCESS
+            self.sink.commit([parts[b] for b in sorted(parts)], {"pipeline": plan.manifest.name})
         except BaseException as exc:
             error = exc
             raise
@@ -216,21 +230,36 @@ class Executor:
         view.busy_s += outcome.seconds
         if not outcome.ok:
             return Failed(d.step, d.block, outcome.error, outcome.retryable)
-        view.rows_out += outcome.meta.rows
+        meta = outcome.meta
+        view.rows_out += meta.rows
+        j = self.journal
         if d.step == len(self.plan.stages):
-            self.parts[d.block] = outcome.meta
+            self.parts[d.block] = meta
+            if j is not None:
+                j.record_part(d.block, meta)
+        elif j is not None:
+            j.record_block(self.plan.stages[d.step].name, d.block, meta.rows, meta.nbytes, meta.checksum,
+                           meta.locations)
         if d.step > 0 and not self.plan.stages[d.step - 1].config.checkpoint:
             self._garbage.append(self.plan.key(d.step - 1, d.block))  # its only reader is done
+            if j is not None:
+                j.forget_block(self.plan.stages[d.step - 1].name, d.block)
         return Completed(d.step, d.block)
 
-    def _collect_garbage(self, settings_ref: Any, final: bool = False) -> None:
-        """Delete consumed intermediate blocks in batches, off the driver's loop."""
-        if self._garbage and (final or len(self._garbage) >= DELETE_BATCH):
+    def _collect_garbage(self, settings_ref: Any, now: bool = False, wait: bool = False) -> None:
+        """Delete consumed intermediate blocks in batches, off the driver's loop.
+
+        With a journal, only right after a flush (``now``): a block is deleted only once
+        the journal durably says its successor is committed, so a crash never leaves a
+        block whose input is gone and whose output is not journaled.
+        """
+        ready = now if self.journal is not None else now or len(self._garbage) >= DELETE_BATCH
+        if self._garbage and ready:
             if self._deletions:  # forget finished batches
                 _, self._deletions = ray.wait(self._deletions, num_returns=len(self._deletions), timeout=0)
             self._deletions.append(delete_blocks.remote(self._garbage, settings_ref))
             self._garbage = []
-        if final and self._deletions:
+        if wait and self._deletions:
             ray.get(self._deletions)
             self._deletions = []
 
@@ -247,6 +276,7 @@ class Executor:
             entry: dict[str, Any] = {
                 "name": v.name, "kind": v.kind, "blocks": v.total, "blocks_done": v.done,
                 "executions": v.executions, "retries": v.retries, "reused": v.reused,
+                "reexecutions": v.reexecutions,
                 "rows_out": v.rows_out, "busy_s": round(v.busy_s, 3),
             }
             if i < len(self.plan.stages):
@@ -259,7 +289,7 @@ class Executor:
             "elapsed_s": round(elapsed, 3),
             "blocks": len(self.plan.blocks),
             "rows_in": self.plan.total_rows,
-            "rows_out": sum(p.rows for p in self.parts.values()),
+            "rows_out": sum(p.rows for p in (self.journal.parts if self.journal else self.parts).values()),
             "stages": stages,
         }
 

@@ -27,6 +27,7 @@ class StepView:
     executions: int = 0
     retries: int = 0
     reused: int = 0
+    reexecutions: int = 0
     busy_s: float = 0.0
     failed: bool = False
     started: float | None = None

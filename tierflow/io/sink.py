@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from tierflow.errors import SinkError
-from tierflow.io.fs import filesystem
+from tierflow.io.fs import filesystem, write_atomic
 from tierflow.manifest import SinkConfig
 
 SUCCESS = "_SUCCESS"
@@ -70,7 +69,7 @@ class Sink:
         data = buf.getvalue()
         name = self.part_name(block)
         fs, root = self._fs()
-        self._put_atomic(fs, f"{root}/{name}", data)
+        write_atomic(fs, f"{root}/{name}", data)
         return PartMeta(name, table.num_rows, len(data), xxhash.xxh3_128_hexdigest(data))
 
     def commit(self, parts: list[PartMeta], extra: dict[str, object] | None = None) -> None:
@@ -87,18 +86,20 @@ class Sink:
             "committed_at": time.time(),
             **(extra or {}),
         }
-        self._put_atomic(fs, f"{root}/{SUCCESS}", json.dumps(doc, indent=1).encode())
+        write_atomic(fs, f"{root}/{SUCCESS}", json.dumps(doc, indent=1).encode())
 
-    @staticmethod
-    def _put_atomic(fs, path: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
-        if "file" in fs.protocol or "local" in fs.protocol:
-            # Hidden temp name (readers skip '.'-files), then rename: atomic on POSIX.
-            head, _, base = path.rpartition("/")
-            tmp = f"{head}/.{base}.{uuid.uuid4().hex}.tmp"
-            fs.pipe_file(tmp, data)
-            fs.mv(tmp, path)
-        else:
-            fs.pipe_file(path, data)  # one PUT: an object store shows all of it or none
+    def existing_parts(self) -> dict[str, int]:
+        """Part files present now: name -> size (one listing)."""
+        fs, root = self._fs()
+        try:
+            entries = fs.ls(root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e["name"].rsplit("/", 1)[-1].startswith("part-")
+        }
 
 
 def read_success(url: str, storage_options: dict[str, str] | None = None) -> dict[str, object] | None:
