@@ -61,6 +61,42 @@ def run(manifest: str, address: str | None, fresh: bool, quiet: bool) -> None:
     click.echo(f"{report['pipeline']}: {report['rows_out']} rows written in {report['elapsed_s']:.1f} s")
 
 
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+def status(manifest: str) -> None:
+    """Progress of MANIFEST's pipeline, from its journal alone (no Ray needed)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tierflow.manifest import load_manifest
+    from tierflow.run import cache_settings, open_journal, plan_manifest
+    from tierflow.status import pipeline_status
+
+    try:
+        m = load_manifest(manifest)
+        st = pipeline_status(plan_manifest(m), open_journal(m, cache_settings(m)))
+    except ManifestError as exc:
+        _fail(exc, 2)
+    except TierflowError as exc:
+        _fail(exc, 1)
+    head = f"{st['pipeline']}: {st['state']}"
+    if st["running"]:
+        head += f" (run in progress: {st['holder']})"
+    t = Table(title=head, title_justify="left")
+    for col in ("stage", "done", "blocks held", "rows held", "copies"):
+        t.add_column(col, justify="left" if col in ("stage", "copies") else "right")
+    for s in st["stages"]:
+        copies = ", ".join(f"{k} {v}" for k, v in sorted(s.locations.items())) or "-"
+        t.add_row(s.name + (" (changed)" if s.stale else ""), f"{s.done}/{s.total}", str(s.held_blocks),
+                  f"{s.held_rows:,}", copies)
+    sink = st["sink"]
+    t.add_row("sink", f"{sink['parts']}/{sink['total']}", "", f"{sink['rows']:,}", "parts")
+    console = Console()
+    if not console.is_terminal:
+        console.width = 120
+    console.print(t)
+
+
 @main.group()
 def cache() -> None:
     """Inspect and clean the block cache (this node's LMDB and the durable store)."""

@@ -25,6 +25,7 @@ from tierflow.engine.progress import Progress, StepView, summary_table
 from tierflow.engine.runners import Outcome, StageActor, delete_blocks, run_task, sink_task
 from tierflow.engine.state import Completed, Dispatch, Failed, PipelineState
 from tierflow.errors import StageError, TierflowError
+from tierflow.faults import crash_point
 from tierflow.io.sink import PartMeta, Sink
 from tierflow.manifest import PythonStage
 from tierflow.plan import Plan, StagePlan
@@ -193,6 +194,7 @@ class Executor:
             parts = self.journal.parts if self.journal is not None else self.parts
             if self.journal is not None:
                 self.journal.flush(force=True)  # every part is journaled before _SUCCESS
+            crash_point("before_success")
             self.sink.commit([parts[b] for b in sorted(parts)], {"pipeline": plan.manifest.name})
         except BaseException as exc:
             error = exc

@@ -16,6 +16,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 from tierflow.cache.settings import resolve_storage_options
+from tierflow.faults import crash_point
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -37,6 +38,7 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point("atomic_write")
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
