@@ -74,10 +74,23 @@ class Counters:
             values["hits"] += 1
             values["bytes_read"] += nbytes
 
-    def snapshot(self, name: str, kind: str, **extra: int | None) -> TierStats:
+    def snapshot(
+        self,
+        name: str,
+        kind: str,
+        *,
+        entries: int | None = None,
+        bytes_used: int | None = None,
+        capacity_bytes: int | None = None,
+    ) -> TierStats:
         """Freeze the current values into a :class:`TierStats`."""
         with self._lock:
-            return TierStats(name=name, kind=kind, **self._values, **extra)
+            v = dict(self._values)
+        return TierStats(
+            name, kind, v["hits"], v["misses"], v["puts"], v["deletes"], v["bytes_read"],
+            v["bytes_written"], v["evictions"], v["corrupt"], v["errors"], entries, bytes_used,
+            capacity_bytes,
+        )
 
 
 @runtime_checkable
@@ -207,10 +220,9 @@ class tier_errors:  # noqa: N801 - used like a function: ``with tier_errors(name
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is None:
-            return False
+            return
         error = unavailable_error(self.tier, exc, self.secrets)
-        if error is None:
-            return False
-        raise error from exc
+        if error is not None:
+            raise error from exc

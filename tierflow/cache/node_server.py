@@ -75,7 +75,8 @@ def location(node_id: str) -> str:
 
 def alive_nodes() -> list[str]:
     """Ids of the Ray nodes that are alive."""
-    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return sorted(str(n["NodeID"]) for n in nodes if n.get("Alive"))
 
 
 class CacheServer:
@@ -148,10 +149,13 @@ def start_cache_servers(settings: CacheSettings, nodes: Sequence[str] | None = N
     Returns:
         ``{node id: actor handle}``.
     """
-    remote_cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0)(CacheServer)
+    remote_cls = ray.remote(CacheServer)
     handles: dict[str, Any] = {}
     for node_id in nodes if nodes is not None else alive_nodes():
-        handles[node_id] = remote_cls.options(  # type: ignore[attr-defined]
+        handles[node_id] = remote_cls.options(
+            num_cpus=0,
+            max_concurrency=8,
+            max_restarts=0,
             name=server_name(node_id),
             namespace=NAMESPACE,
             get_if_exists=True,

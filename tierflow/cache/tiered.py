@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import builtins
 import os
 import socket
 import sys
@@ -350,7 +351,7 @@ class TieredCache:
             raise CorruptObject(key, "holds an Arrow table, not opaque bytes")
         return bytes(raw)
 
-    def _tried(self) -> list[str]:
+    def _tried(self) -> builtins.list[str]:
         names = [t.name for t in (self.memory, self.lmdb) if t is not None]
         if self.peers is not None:
             names.append("peers")
@@ -596,7 +597,7 @@ class TieredCache:
             return REMOTE
         return f"memory:{self.node_id}"
 
-    def check(self) -> list[str]:
+    def check(self) -> builtins.list[str]:
         """Structural consistency problems (empty list when consistent). Cheap; no hashing.
 
         Checks the LMDB invariants (``LmdbTier.check``) and that the memory tier never

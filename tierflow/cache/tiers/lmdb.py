@@ -33,6 +33,7 @@ Promises:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import struct
@@ -178,9 +179,9 @@ class _Session:
             self._errors.__exit__(type(exc), exc, None)
             raise
 
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self._handle.release()
-        return self._errors.__exit__(exc_type, exc, tb)
+        self._errors.__exit__(exc_type, exc, tb)
 
 
 _HANDLES: dict[str, _EnvHandle] = {}
@@ -441,7 +442,7 @@ class LmdbTier(TierBase):
             raw = txn.get(kb)
         return raw is not None and bool(_META.unpack(raw)[2] & PENDING)
 
-    def pending_keys(self, prefix: str = "") -> list[str]:
+    def pending_keys(self, prefix: str = "") -> builtins.list[str]:
         """Every pinned key starting with ``prefix``."""
         found = []
         with self._env() as (env, dbs), env.begin(db=dbs[b"meta"]) as txn:
@@ -506,7 +507,7 @@ class LmdbTier(TierBase):
             capacity_bytes=self.capacity_bytes,
         )
 
-    def check(self) -> list[str]:
+    def check(self) -> builtins.list[str]:
         """Structural consistency problems (empty when consistent); does not hash values.
 
         Checks that ``blocks``, ``meta`` and ``lru`` name the same keys with matching
