@@ -22,18 +22,17 @@ Usage::
     )
     table = client.infer_table(table)     # + "probs" fixed_size_list<float>[4], "label" int64
 
-Column <-> tensor conventions (``dims`` exclude the batch dimension):
+Column <-> tensor conventions (``dims`` exclude the batch dimension; ``n`` rows):
 
-=====================================  =================  ==================================
-Arrow column                           model dims         request tensor
-=====================================  =================  ==================================
-scalar (int/float/bool)                ``[1]``            ``[n, 1]`` (cast safely if needed)
-``fixed_size_list<T>[d]``, ``list<T>``  ``[d]`` or ``[a, b]`` with ``a*b == d``  ``[n, *dims]``
-``string``/``binary``                  ``[1]``, BYTES     ``[n, 1]`` ``np.object_`` of bytes
-=====================================  =================  ==================================
+* scalar column (int/float/bool) -> dims ``[1]`` as ``[n, 1]``, cast safely to the
+  tensor's dtype if it differs (an unsafe cast is a ``ModelError``);
+* ``fixed_size_list<T>[d]`` (or ``list<T>`` with every row of length ``d``) -> dims with
+  ``prod(dims) == d`` (one ``-1`` is filled in) as ``[n, *dims]``;
+* ``string``/``binary`` -> BYTES dims ``[1]`` as ``[n, 1]`` ``np.object_`` of ``bytes``;
+* nulls are a ``ModelError`` (a tensor cannot carry them).
 
 Outputs: dims ``[1]`` become a scalar column, other dims a ``fixed_size_list`` of the
-flattened row (value type from the tensor dtype), BYTES a ``binary`` column.
+flattened row (value type from the tensor's dtype), BYTES a ``binary`` column.
 """
 
 from __future__ import annotations
@@ -209,7 +208,10 @@ def column_to_tensor(
     Raises:
         ModelError: Nulls, an impossible cast, or a width that does not match ``dims``.
     """
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = column
+    if isinstance(column, pa.ChunkedArray):
+        # combine_chunks() copies even a single chunk (pyarrow 25); take that chunk as is.
+        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     n = len(arr)
     where = f"column {name!r} -> tensor {spec.name!r}"
     if arr.null_count:
