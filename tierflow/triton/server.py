@@ -467,7 +467,6 @@ class TritonServer:
             f"--http-port={http_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={metrics_port}",
-            "--allow-gpu-metrics=false",
             *self.extra_args,
         ]
         env = dict(os.environ)
