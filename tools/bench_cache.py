@@ -8,6 +8,8 @@ Command behind ``docs/cache-benchmarks.md``::
 Options: ``--sizes 64K,1M,4M,16M,64M`` (block sizes), ``--dir DIR`` (scratch directory on
 the disk under test; default a temporary directory under /tmp), ``--no-ray`` (skip the
 Ray ceiling), ``--s3`` (also measure the remote tier against a local moto S3 server),
+``--s3-endpoint URL`` (against a running S3 server instead, e.g. SeaweedFS, see
+``storage/README.md``; keys from ``TF_BENCH_S3_KEY``/``TF_BENCH_S3_SECRET``),
 ``--quick`` (a quarter of the iterations, for a smoke run), ``--repeat N`` (passes over
 every size, default 3; the table and ratios are medians over the passes, with their range).
 
@@ -189,11 +191,12 @@ def measure_pair(
 class Bench:
     """Runs every pair at every size and collects figures."""
 
-    def __init__(self, root: str, quick: bool, use_ray: bool, use_s3: bool) -> None:
+    def __init__(self, root: str, quick: bool, use_ray: bool, use_s3: bool, s3_endpoint: str | None = None) -> None:
         self.root = root
         self.quick = quick
         self.use_ray = use_ray
-        self.use_s3 = use_s3
+        self.use_s3 = use_s3 or bool(s3_endpoint)
+        self.s3_endpoint = s3_endpoint
         self.pairs: list[dict[str, Any]] = []
         self.repeat = 0
 
@@ -350,23 +353,31 @@ class Bench:
     def _s3(self, size: int, payload: bytes, frame: bytes, n: int, k: int) -> None:
         import s3fs
 
-        if not hasattr(self, "_moto"):
-            import logging
-
-            from moto.server import ThreadedMotoServer
-
-            logging.getLogger("werkzeug").setLevel(logging.ERROR)
-
-            self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            self._moto.start()
-            host, port = self._moto.get_host_and_port()
-            self._s3_endpoint = f"http://{host}:{port}"
+        if not hasattr(self, "_s3_endpoint"):
             os.environ.setdefault("TF_BENCH_S3_KEY", "bench")
             os.environ.setdefault("TF_BENCH_S3_SECRET", "bench-secret")
-            s3fs.S3FileSystem(key="bench", secret="bench-secret", endpoint_url=self._s3_endpoint).mkdir("bench")
+            if self.s3_endpoint:
+                self._s3_endpoint, self._s3_label = self.s3_endpoint, "s3"
+            else:
+                import logging
+
+                from moto.server import ThreadedMotoServer
+
+                logging.getLogger("werkzeug").setLevel(logging.ERROR)
+                self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+                self._moto.start()
+                host, port = self._moto.get_host_and_port()
+                self._s3_endpoint, self._s3_label = f"http://{host}:{port}", "s3 (moto)"
+            fs = s3fs.S3FileSystem(
+                key=os.environ["TF_BENCH_S3_KEY"], secret=os.environ["TF_BENCH_S3_SECRET"],
+                endpoint_url=self._s3_endpoint, skip_instance_cache=True,
+            )
+            if not fs.exists("bench"):
+                fs.mkdir("bench")
         options = {"key": "${TF_BENCH_S3_KEY}", "secret": "${TF_BENCH_S3_SECRET}", "endpoint_url": self._s3_endpoint}
         n = max(3, min(n, 40))
-        self._remote("s3 (moto)", f"s3://bench/{size}/store", options, size, payload, frame, n, k, "")
+        prefix = f"s3://bench/{os.getpid()}-{self.repeat}-{size}"
+        self._remote(self._s3_label, f"{prefix}/store", options, size, payload, frame, n, k, "")
 
     def _memory(self, size: int, payload: bytes, frame: bytes, n: int, k: int) -> None:
         tier = MemoryTier(capacity_bytes=max(2 * k * len(frame), 1 << 30))
@@ -434,6 +445,8 @@ RATIO_NAMES = {
     "memory put": "memory_put_vs_ray",
     "s3 (moto) get": "s3_get_vs_raw",
     "s3 (moto) put": "s3_put_vs_raw",
+    "s3 get": "s3_get_vs_raw",
+    "s3 put": "s3_put_vs_raw",
 }
 
 
@@ -519,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None, help="write figures and ratios here")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray object store ceiling")
     parser.add_argument("--s3", action="store_true", help="also measure against a local moto S3 server")
+    parser.add_argument(
+        "--s3-endpoint", default=None,
+        help="measure against this S3 endpoint instead of moto (e.g. SeaweedFS: http://127.0.0.1:8333)",
+    )
     parser.add_argument("--quick", action="store_true", help="a quarter of the iterations")
     parser.add_argument("--repeat", type=int, default=3, help="passes over every size (medians are reported)")
     args = parser.parse_args(argv)
@@ -534,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
                  object_store_memory=max(2 << 30, 6 * max(sizes) * working_set(max(sizes))))
-    bench = Bench(root, args.quick, use_ray, args.s3)
+    bench = Bench(root, args.quick, use_ray, args.s3, args.s3_endpoint)
     try:
         for repeat in range(args.repeat):
             print(f"-- pass {repeat + 1} of {args.repeat}", flush=True)
