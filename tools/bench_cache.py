@@ -250,7 +250,7 @@ class Bench:
         map_size = 1 << 36
         env = lmdb.open(
             os.path.join(scratch, "raw-lmdb"), map_size=map_size, subdir=True, max_dbs=8,
-            max_readers=1024, sync=True, metasync=False, readahead=True, meminit=False,
+            max_readers=1024, sync=True, metasync=False, readahead=True, meminit=True,
         )
         db = env.open_db(b"blocks")
         tier = LmdbTier(os.path.join(scratch, "tier-lmdb"), capacity_bytes=map_size // 2, map_size=map_size)

@@ -78,5 +78,6 @@ def flip_byte_in_file(path: Path, needle: bytes, offset: int = 10) -> None:
     raw = bytearray(path.read_bytes())
     at = raw.find(needle)
     assert at >= 0, f"{needle[:16]!r} not found in {path}"
+    assert raw.count(needle) == 1, f"{needle[:16]!r} occurs {raw.count(needle)} times in {path}"
     raw[at + offset] ^= 0xFF
     path.write_bytes(bytes(raw))

@@ -239,3 +239,16 @@ def test_stale_reader_of_a_killed_process_is_cleared_on_open(tmp_path: Path) -> 
     with tier._handle.use() as (env, _):
         assert str(child.pid) not in env.readers()
     tier.close()
+
+
+def test_no_stale_heap_bytes_reach_the_data_file(tmp_path: Path) -> None:
+    """With MDB_NOMEMINIT, LMDB writes whatever the heap held (other blocks, resolved
+    credentials) into unused page space; the tier keeps meminit on."""
+    tier = make(tmp_path, capacity=64 << 20)
+    marker = b"SECRET-MARKER-0123456789"
+    for i in range(200):
+        junk = bytearray(marker * 200)  # heap full of the marker, freed at once
+        del junk
+        tier.put(f"p/f/s/{i:06d}", frame_of(os.urandom(300 + i)))
+    tier.close()
+    assert marker not in (tmp_path / "lmdb" / "data.mdb").read_bytes()

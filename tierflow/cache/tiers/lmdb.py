@@ -29,6 +29,9 @@ Promises:
   environment is never used across ``fork``.
 * Durability: ``sync=True, metasync=False`` (``MDB_NOMETASYNC``): a system crash can lose
   the last commit but never corrupts the database.
+* ``meminit=True``: LMDB zeroes the unused part of every page it writes. With
+  ``MDB_NOMEMINIT`` it would write whatever the heap held before (other blocks, resolved
+  credentials) into ``data.mdb``; a test caught stale block bytes there.
 """
 
 from __future__ import annotations
@@ -260,7 +263,7 @@ class LmdbTier(TierBase):
             self.path,
             dict(
                 map_size=map_size, subdir=True, max_dbs=8, max_readers=max_readers,
-                sync=True, metasync=False, readahead=True, meminit=False, lock=True,
+                sync=True, metasync=False, readahead=True, meminit=True, lock=True,
             ),
         )
         self._finalizer = weakref.finalize(self, _release_handle, self._handle)

@@ -66,7 +66,9 @@ class RemoteTier(TierBase):
     Args:
         url: Root of the store.
         storage_options: fsspec keyword arguments; values may contain ``${VAR}``.
-        timeout_s: Upper bound on one operation against a networked store.
+        timeout_s: Bound on connecting to a networked store and on each read from it; a
+            whole object transfer may take up to 4x this (get) or this plus 1 s per MiB
+            (put). An unreachable store fails within about this long.
         verify: Verify checksums on read (only the benchmark turns this off).
         fsync: On local filesystems, ``fsync`` each file before renaming it into place.
         environ: Where ``${VAR}`` is resolved from (default ``os.environ``), for tests.
@@ -125,10 +127,16 @@ class RemoteTier(TierBase):
             self._fs, self._root, self._pid = fs, root.rstrip("/"), os.getpid()
             return fs
 
-    def _call(self, fs: fsspec.AbstractFileSystem, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _call(
+        self, fs: fsspec.AbstractFileSystem, method: str, *args: Any, deadline_s: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         # Async filesystems (s3fs, http) accept an overall deadline through fsspec's sync().
+        # Connecting and every socket read are bounded by timeout_s already (botocore's
+        # connect/read timeouts); the overall deadline is a safety net that must leave room
+        # for a large block on a slow link.
         if isinstance(fs, AsyncFileSystem):
-            kwargs["timeout"] = self.timeout_s
+            kwargs["timeout"] = deadline_s if deadline_s is not None else self.timeout_s
         return getattr(fs, method)(*args, **kwargs)
 
     def path(self, key: str) -> str:
@@ -158,7 +166,7 @@ class RemoteTier(TierBase):
                     with open(path, "rb", buffering=0) as f:
                         data = f.read()
                 else:
-                    data = self._call(fs, "cat_file", path)
+                    data = self._call(fs, "cat_file", path, deadline_s=4 * self.timeout_s)
             except FileNotFoundError:
                 data = None
         if data is None:
@@ -185,7 +193,9 @@ class RemoteTier(TierBase):
             if isinstance(fs, LocalFileSystem):
                 self._put_local(path, value)
             else:
-                self._call(fs, "pipe_file", path, value)
+                # At least 1 MiB/s on top of the base timeout.
+                deadline = self.timeout_s + len(value) / (1 << 20)
+                self._call(fs, "pipe_file", path, value, deadline_s=deadline)
         self._counters.add(puts=1, bytes_written=len(value))
 
     def _put_local(self, path: str, value: bytes) -> None:
