@@ -27,9 +27,15 @@ from typing import ClassVar
 
 
 class TierflowError(Exception):
-    """Base of every error tierflow raises on purpose."""
+    """Base of every error tierflow raises on purpose. Picklable (errors cross Ray)."""
 
     retryable: ClassVar[bool] = False
+    _init_args: tuple[object, ...] | None = None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        if self._init_args is None:
+            return super().__reduce__()
+        return (type(self), self._init_args)
 
 
 class ManifestError(TierflowError):
@@ -40,6 +46,7 @@ class ManifestError(TierflowError):
     """
 
     def __init__(self, path: str, problems: Sequence[tuple[str, str]]) -> None:
+        self._init_args = (path, list(problems))
         self.path = path
         self.problems = list(problems)
         n = len(self.problems)
@@ -62,6 +69,7 @@ class TierUnavailable(CacheError):
     retryable = True
 
     def __init__(self, tier: str, reason: str) -> None:
+        self._init_args = (tier, reason)
         self.tier = tier
         self.reason = reason
         super().__init__(f"cache tier {tier} unavailable: {reason}")
@@ -71,6 +79,7 @@ class CorruptObject(CacheError):
     """A stored value whose header or checksum does not match. Read as a miss."""
 
     def __init__(self, key: str, reason: str) -> None:
+        self._init_args = (key, reason)
         self.key = key
         self.reason = reason
         super().__init__(f"corrupt cache object {key}: {reason}")
@@ -80,6 +89,7 @@ class ReplicaLost(CacheError):
     """No readable copy of a committed block is left anywhere."""
 
     def __init__(self, key: str, tried: Sequence[str]) -> None:
+        self._init_args = (key, list(tried))
         self.key = key
         self.tried = list(tried)
         super().__init__(f"every copy of block {key} is lost (tried: {', '.join(tried) or 'none'})")
@@ -95,6 +105,7 @@ class TritonUnavailable(InferenceError):
     retryable = True
 
     def __init__(self, url: str, reason: str) -> None:
+        self._init_args = (url, reason)
         self.url = url
         self.reason = reason
         super().__init__(f"Triton at {url} unavailable: {reason}")
@@ -104,6 +115,7 @@ class ModelError(InferenceError):
     """The model rejected the request or answered with the wrong tensors. Never retried."""
 
     def __init__(self, model: str, reason: str) -> None:
+        self._init_args = (model, reason)
         self.model = model
         self.reason = reason
         super().__init__(f"model {model!r}: {reason}")
@@ -113,13 +125,11 @@ class StageError(TierflowError):
     """A stage failed on a block. The original exception is ``__cause__``."""
 
     def __init__(self, stage: str, block: int, reason: str) -> None:
+        self._init_args = (stage, block, reason)
         self.stage = stage
         self.block = block
         self.reason = reason
         super().__init__(f"stage {stage!r} failed on block {block}: {reason}")
-
-    def __reduce__(self) -> tuple[type[StageError], tuple[str, int, str]]:
-        return (type(self), (self.stage, self.block, self.reason))
 
 
 class SinkError(TierflowError):

@@ -156,7 +156,7 @@ def run_pipeline(
     journal = open_journal(manifest, settings)
     journal.acquire_lease()
     if fresh:
-        journal = Journal(journal.url, journal.storage_options, pipeline=manifest.name, run_id=journal.run_id)
+        journal = Journal(journal.url, journal.storage_options, pipeline=manifest.name, owner=journal.owner)
     executor = Executor(plan, sink, settings, progress_out=progress_out, journal=journal)
     state = "failed"
     try:

@@ -8,7 +8,8 @@ of one. It stores keys' metadata only — never data, never credentials.
 
 The driver is its only writer. Next to it, ``lease.json`` says which driver is running the
 pipeline; another driver refuses to start until that lease expires (its holder renews it
-with every flush, so a SIGKILLed holder loses it after ``lease_s``).
+with every flush, so a SIGKILLed holder loses it after ``lease_s``, or at once for a
+re-run on the same host, where the holder's pid can be seen to be gone).
 
 Format (version 1)::
 
@@ -50,6 +51,20 @@ def journal_dir(durable_url: str, pipeline: str) -> str:
     return f"{durable_url.rstrip('/')}/_journal/{pipeline}"
 
 
+def _dead_here(lease: dict[str, Any]) -> bool:
+    """True when the lease's holder ran on this host and its process is gone: a killed
+    driver's lease need not be waited out before a re-run on the same machine."""
+    if lease.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @dataclass
 class Journal:
     """Committed blocks of one pipeline, per stage, plus committed sink parts.
@@ -73,6 +88,8 @@ class Journal:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     parts: dict[int, PartMeta] = field(default_factory=dict)
     updated_at: float = 0.0
+    # Who holds the lease: this process's object, never read back from storage.
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     _last_flush: float = field(init=False, default=0.0)
     _dirty: bool = field(init=False, default=False)
 
@@ -158,7 +175,7 @@ class Journal:
         }
         fs, root = self._fs
         fs.makedirs(root, exist_ok=True)
-        write_atomic(fs, f"{root}/{JOURNAL}", json.dumps(doc, separators=(",", ":")).encode())
+        write_atomic(fs, f"{root}/{JOURNAL}", json.dumps(doc, separators=(",", ":")).encode(), crash="journal_write")
         self._last_flush, self._dirty = now, False
         if self.state == "running":
             self.renew_lease()
@@ -176,7 +193,7 @@ class Journal:
     def acquire_lease(self) -> None:
         """Take the pipeline's lease. Raises PipelineBusy while another driver holds it."""
         held = self.lease()
-        if held and held["owner"] != self.run_id and held["expires_at"] > time.time():
+        if held and held["owner"] != self.owner and held["expires_at"] > time.time() and not _dead_here(held):
             raise PipelineBusy(
                 f"pipeline {self.pipeline or '?'} is being run by {held['host']} pid {held['pid']} "
                 f"(its lease expires in {held['expires_at'] - time.time():.0f} s unless renewed)"
@@ -185,18 +202,18 @@ class Journal:
         # Two drivers may both have seen no lease; the later write wins, the other backs off.
         time.sleep(0.05)
         now_held = self.lease()
-        if now_held is None or now_held["owner"] != self.run_id:
+        if now_held is None or now_held["owner"] != self.owner:
             raise PipelineBusy(f"pipeline {self.pipeline or '?'} was claimed by another driver just now")
 
     def renew_lease(self) -> None:
         fs, root = self._fs
         fs.makedirs(root, exist_ok=True)
-        doc = {"owner": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+        doc = {"owner": self.owner, "run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
                "expires_at": time.time() + self.lease_s}
         write_atomic(fs, f"{root}/{LEASE}", json.dumps(doc).encode())
 
     def release_lease(self) -> None:
         held = self.lease()
-        if held and held["owner"] == self.run_id:
+        if held and held["owner"] == self.owner:
             fs, root = self._fs
             fs.rm_file(f"{root}/{LEASE}")
