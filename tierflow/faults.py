@@ -2,8 +2,8 @@
 
 ``TIERFLOW_CRASH_AT=<point>[:<n>]`` makes the process SIGKILL itself the n-th time (default
 the first) it passes ``crash_point(<point>)``. Unset, a crash point costs one dict lookup.
-Points: ``before_success`` (every part written, ``_SUCCESS`` not yet), ``atomic_write``
-(a temp file written, not yet renamed over its target).
+Points (all in the driver): ``before_success`` (every part written and journaled,
+``_SUCCESS`` not yet), ``journal_write`` (the journal's temp file written, not yet renamed).
 """
 
 from __future__ import annotations

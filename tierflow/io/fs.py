@@ -25,7 +25,7 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
     return fs, path
 
 
-def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: AbstractFileSystem, path: str, data: bytes, crash: str = "") -> None:
     """Readers see all of ``data`` at ``path`` or the previous content, never a part.
 
     Local disks: a hidden temp file in the same directory, fsynced, then renamed (atomic
@@ -38,7 +38,8 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        crash_point("atomic_write")
+        if crash:
+            crash_point(crash)  # fault tests: die with the temp file written, not renamed
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
