@@ -6,10 +6,11 @@ the bad one is rewritten from the good one (counted as ``corrupt_*`` and ``repai
 A hit is promoted into the faster tiers. An unreachable tier is skipped for
 ``unavailable_retry_s`` and counted; reads never raise for it.
 
-Writes (``put``/``put_table``) go to this node's LMDB first (pinned, so it cannot be
-evicted before its durable copy exists), then to peer nodes until ``replicas`` failure
-domains hold the block, then to the durable store, after which the LMDB copy is unpinned.
-If LMDB has no room the block *spills*: it goes to the durable store even when
+Writes (``put``/``put_table``) with ``durable=True`` go to the durable store, then to
+this node's LMDB, then to peer nodes until ``replicas`` failure domains hold the block.
+With ``durable=False`` (or when the durable write fails) the LMDB copy is *pinned*: it is
+never evicted before its durable copy exists (:meth:`TieredCache.flush` writes it). If
+LMDB has no room the block *spills*: it goes to the durable store even when
 ``durable=False``. The memory tier is written last, never holding the only copy.
 
 Usage::
@@ -406,47 +407,54 @@ class TieredCache:
         header = codec.read_header(frame, key)
         local = frame if header.codec == codec.Codec.NONE else codec.recode(frame, key, None)
         checksum = codec.read_header(local, key).checksum_hex
-        locations: list[str] = []
+
+        # A durable put writes the durable copy first, so the local copy can be stored
+        # unpinned in one LMDB transaction (one fdatasync; pinning then unpinning would
+        # cost two). If the durable write fails, the local copy is stored pinned instead.
+        remote_done = False
+        remote_error: TierUnavailable | None = None
+        if durable:
+            remote_done, remote_error = self._put_remote(key, local)
 
         local_ok = False
         try:
-            self.lmdb.put(key, local, pending=True)
+            self.lmdb.put(key, local, pending=not remote_done)
             local_ok = True
-            locations.append(self.local_location)
         except TierUnavailable as exc:
             if exc.reason.startswith("full:"):
                 self._count("spills")
             else:
                 self._mark_down(self.lmdb, exc)
-        write_remote = durable or not local_ok
+        if not durable and not local_ok:  # spill: the durable store is the only place left
+            remote_done, remote_error = self._put_remote(key, local)
 
-        wanted_peers = self.settings.replicas - len(locations) - (1 if write_remote else 0)
+        peers: list[str] = []
+        wanted_peers = self.settings.replicas - int(local_ok) - int(remote_done)
         if wanted_peers > 0 and self.peers is not None:
             try:
-                locations += self.peers.replicate(key, local, wanted_peers, pinned=not write_remote)
+                peers = self.peers.replicate(key, local, wanted_peers, pinned=not remote_done)
             except TierUnavailable:
                 self._count("unavailable_peer")
 
-        if write_remote:
-            try:
-                self.remote.put(key, codec.recode(local, key, self.settings.compression_level))
-            except TierUnavailable as exc:
-                self._mark_down(self.remote, exc)
-                self._count("durable_write_failed")
-                raise
-            locations.append(REMOTE)
-            if local_ok:
-                try:
-                    self.lmdb.mark_durable(key)
-                except TierUnavailable as exc:  # stays pinned; harmless
-                    self._mark_down(self.lmdb, exc)
+        if remote_error is not None:
+            self._count("durable_write_failed")
+            raise remote_error
 
+        locations = ([self.local_location] if local_ok else []) + peers + ([REMOTE] if remote_done else [])
         if len(locations) < self.settings.replicas:
             self._count("under_replicated")
         if self.memory is not None:
             self.memory.put(key, local)
         self._count("puts")
         return BlockMeta(key, rows, len(local), checksum, tuple(locations))
+
+    def _put_remote(self, key: str, local: bytes) -> tuple[bool, TierUnavailable | None]:
+        try:
+            self.remote.put(key, codec.recode(local, key, self.settings.compression_level))
+        except TierUnavailable as exc:
+            self._mark_down(self.remote, exc)
+            return False, exc
+        return True, None
 
     def put_table(self, key: str, table: pa.Table, *, durable: bool = True) -> BlockMeta:
         """Encode ``table`` (Arrow IPC stream in a frame) and :meth:`put` it."""
