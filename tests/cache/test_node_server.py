@@ -15,8 +15,6 @@ import pytest
 from tierflow.cache.node_server import rendezvous
 from tierflow.cache.settings import CacheSettings
 
-pytestmark = pytest.mark.ray
-
 KEY = "demo/3f9a1c0e/clean/000007"
 
 
@@ -30,6 +28,30 @@ def test_rendezvous_is_stable_and_spreads() -> None:
         k = f"demo/f/s/{i:06d}"
         before = [n for n in rendezvous(k, nodes) if n != "n3"]
         assert before == rendezvous(k, [n for n in nodes if n != "n3"])
+
+
+def test_cache_server_verifies_and_drops_bad_copies(tmp_path: Path) -> None:
+    """The actor's class, used in-process: what arrives damaged is refused, what rots on
+    disk is dropped (so it gets re-replicated rather than served)."""
+    from tierflow.cache import codec
+    from tierflow.cache.node_server import CacheServer
+    from tierflow.errors import CorruptObject
+
+    settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store",
+                             lmdb_map_size=1 << 30)
+    server = CacheServer(settings, "node-b")
+    frame = codec.encode_table(table())
+    assert server.put(KEY, frame, pinned=True) == "lmdb:node-b"
+    assert server.tier.is_pending(KEY) and server.get(KEY) == frame
+    assert (tmp_path / "node-b" / "lmdb" / "data.mdb").exists()
+    damaged = bytearray(frame)
+    damaged[len(damaged) // 2] ^= 1
+    with pytest.raises(CorruptObject):
+        server.put(KEY, bytes(damaged), pinned=False)
+    server.tier.put(KEY, bytes(damaged))  # rot behind the server's back
+    assert server.get(KEY) is None and not server.contains(KEY)
+    assert server.stats()["corrupt_dropped"] == 1
+    server.tier.close()
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +80,7 @@ def table() -> pa.Table:
     return pa.table({"id": np.arange(50_000), "x": np.linspace(0, 1, 50_000)})
 
 
+@pytest.mark.ray
 def test_peer_replicas_survive_the_loss_of_the_writer_node(cluster: Any, tmp_path: Path) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -115,6 +138,7 @@ def test_peer_replicas_survive_the_loss_of_the_writer_node(cluster: Any, tmp_pat
     assert counters2.get("hits_peer", 0) <= 1  # the second read did not go to the peer
 
 
+@pytest.mark.ray
 def test_durable_put_places_replicas_minus_one_copies_and_delete_reaches_peers(
     cluster: Any, tmp_path: Path
 ) -> None:

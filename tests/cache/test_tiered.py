@@ -401,3 +401,27 @@ def test_get_cache_is_a_per_process_singleton_reopened_after_fork(tmp_path: Path
     assert cache.get_table("demo/3f9a1c0e/clean/000043").equals(table(seed=1))
     assert cache.check() == []
     close_all()
+
+
+def test_reads_never_raise_for_unavailable_tiers(tmp_path: Path) -> None:
+    remote = FaultyTier(RemoteTier(f"file://{tmp_path}/store"))
+    now = [0.0]
+    cache = TieredCache(settings_for(tmp_path, memory_bytes=0), node_id="n", remote=remote, clock=lambda: now[0])
+    t = table()
+    cache.put_table(KEY, t)
+    cache.lmdb.close()  # LMDB gone: every call raises TierUnavailable("closed")
+    remote.unavailable = True
+    assert cache.get(KEY) is None
+    assert not cache.contains(KEY)
+    with pytest.raises(ReplicaLost) as info:
+        cache.get_table(KEY)
+    assert info.value.key == KEY and len(info.value.tried) == 2
+    calls = remote.calls
+    cache.get(KEY)  # within unavailable_retry_s: the store is not even asked
+    assert remote.calls == calls
+    counters = cache.stats().counters
+    assert counters["unavailable_remote"] == 1 and counters["skipped_remote"] >= 1
+    assert counters["unavailable_lmdb"] >= 1
+    now[0] += 10  # back-off over, store back
+    remote.unavailable = False
+    assert cache.get_table(KEY).equals(t)
