@@ -1,84 +1,35 @@
-"""The Ray driver loop: runs the state machine's ``Dispatch`` actions and feeds back events.
+"""The driver loop: runs the state machine's ``Dispatch`` actions on a backend and feeds
+the outcomes back as events, journaling commits and collecting consumed blocks.
 
-Function stages are Ray tasks; ``cls`` and Triton stages are pools of actors that keep
-their state (instance, gRPC channel) across blocks. The sink is one more step. Only block
-metadata crosses back to the driver; the data moves through the cache by key.
-
-The loop blocks in ``ray.wait`` until some work finishes (no fixed sleep between
-dispatches); its timeout only paces progress refreshes.
+The backend (``RayBackend`` in production) runs the steps; only block metadata comes back,
+data moves through the cache by key. The loop blocks in ``Backend.wait`` until some work
+finishes (no fixed sleep between dispatches); its timeout only paces progress refreshes.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
-
 from tierflow.cache.settings import CacheSettings
+from tierflow.engine.backend import Backend, RayBackend
 from tierflow.engine.journal import Journal
 from tierflow.engine.progress import Progress, StepView, summary_table
-from tierflow.engine.runners import Outcome, StageActor, delete_blocks, run_task, sink_task
+from tierflow.engine.runners import Outcome
 from tierflow.engine.state import Completed, Dispatch, Failed, PipelineState
-from tierflow.errors import StageError, TierflowError
+from tierflow.errors import StageError
 from tierflow.faults import crash_point
 from tierflow.io.sink import PartMeta, Sink
 from tierflow.manifest import PythonStage
 from tierflow.plan import Plan, StagePlan
 
-SINK_CONCURRENCY = 2
 DELETE_BATCH = 64
-ACTOR_START_TIMEOUT_S = 120.0
-
-
-class ActorPool:
-    """A fixed set of actors for one stage; each takes one block at a time."""
-
-    def __init__(self, stage: StagePlan, factory: Callable[[], Any], size: int) -> None:
-        self.stage = stage
-        self._factory = factory
-        self.actors = [factory() for _ in range(size)]
-        self._idle: deque[Any] = deque(self.actors)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Block until every actor is constructed. Raises TierflowError naming the stage."""
-        refs = [a.ready.remote() for a in self.actors]
-        try:
-            ray.get(refs, timeout=timeout_s)
-        except GetTimeoutError:
-            cfg = self.stage.config
-            raise TierflowError(
-                f"stage {self.stage.name!r}: {len(self.actors)} actor(s) needing {cfg.num_cpus} CPU "
-                f"each could not start within {timeout_s:.0f} s (not enough CPU in the cluster?)"
-            ) from None
-        except RayActorError as exc:
-            raise StageError(self.stage.name, -1, f"actor failed to start: {exc}") from None
-
-    def acquire(self) -> Any:
-        return self._idle.popleft()
-
-    def release(self, actor: Any) -> None:
-        self._idle.append(actor)
-
-    def replace(self, actor: Any) -> None:
-        """Swap a dead actor for a fresh one (its blocks are retried by the driver)."""
-        ray.kill(actor, no_restart=True)
-        new = self._factory()
-        self.actors[self.actors.index(actor)] = new
-        self._idle.append(new)
-
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
 
 
 @dataclass
 class Executor:
-    """Runs one plan to completion on the connected Ray cluster.
+    """Runs one plan to completion on a backend (the connected Ray cluster by default).
 
     Args:
         plan: what to run.
@@ -86,6 +37,9 @@ class Executor:
         settings: the cache every step reads from and writes to.
         triton_url: gRPC address for Triton stages (None when the pipeline has none).
         progress_out: where the live table goes (None = no progress output).
+        journal: where commits are recorded (None: no journal, no resume).
+        start_step: per block, the first step to run (from ``resume_points``).
+        backend: what runs the steps.
     """
 
     plan: Plan
@@ -97,10 +51,10 @@ class Executor:
     progress_out: Any = None
     journal: Journal | None = None
     start_step: list[int] | None = None
+    backend: Backend = field(default_factory=lambda: RayBackend())
     views: list[StepView] = field(init=False)
     parts: dict[int, PartMeta] = field(init=False, default_factory=dict)
     _garbage: list[str] = field(init=False, default_factory=list)
-    _deletions: list[Any] = field(init=False, default_factory=list)
 
     def run(self) -> dict[str, Any]:
         """Run every block through every stage and the sink; commit the sink.
@@ -108,84 +62,34 @@ class Executor:
         Returns the run report. Raises StageError (stage, block, cause) when a step fails
         for good; the sink is then left without ``_SUCCESS``.
         """
-        plan, n = self.plan, len(self.plan.stages)
+        plan = self.plan
         self.views = [StepView(s.name, _kind(s), len(plan.blocks)) for s in plan.stages]
         self.views.append(StepView("sink", "parquet", len(plan.blocks)))
         for first in self.start_step or ():
             for view in self.views[:first]:
                 view.reused += 1  # committed by an earlier run: read, not recomputed
         started = time.monotonic()
-        pools: dict[int, ActorPool] = {}
         progress = Progress(plan.manifest.name, self.views, self.progress_out) if self.progress_out else None
+        backend = self.backend
         error: BaseException | None = None
         try:
             self.sink.prepare()
-            settings_ref = ray.put(self.settings)
-            source_ref = ray.put(plan.source)
-            limits = []
-            for s in plan.stages:
-                if isinstance(s.config, PythonStage) and s.config.cls is None:
-                    limits.append(s.config.concurrency)
-                    continue
-                opts = {"num_cpus": s.config.num_cpus}
-                pools[s.index] = ActorPool(
-                    s,
-                    lambda s=s, opts=opts: StageActor.options(**opts).remote(  # type: ignore[attr-defined]
-                        s.config, self.triton_url, self.settings
-                    ),
-                    s.config.concurrency,
-                )
-                limits.append(s.config.concurrency)
-            limits.append(SINK_CONCURRENCY)
-            for pool in pools.values():
-                pool.wait_ready(ACTOR_START_TIMEOUT_S)
+            limits = backend.start(plan, self.sink, self.settings, self.triton_url)
             window = self.window or max(8, 2 * sum(limits))
             state = PipelineState(len(plan.blocks), limits, window, self.max_attempts, self.start_step)
-            pending: dict[Any, tuple[Dispatch, Any]] = {}
-
-            def submit(actions: list[Dispatch]) -> None:
-                for d in actions:
-                    view = self.views[d.step]
-                    view.started = view.started or time.monotonic()
-                    view.executions += 1
-                    view.retries += d.attempt > 1
-                    if self.start_step is not None and d.step < self.start_step[d.block]:
-                        view.reexecutions += 1  # must stay 0: committed work is never redone
-                    actor = None
-                    if d.step == n:
-                        ref = sink_task.remote(self.sink, plan.key(n - 1, d.block), d.block, settings_ref)
-                    else:
-                        inp = plan.blocks[d.block] if d.step == 0 else plan.key(d.step - 1, d.block)
-                        src = source_ref if d.step == 0 else None
-                        out_key = plan.key(d.step, d.block)
-                        if d.step in pools:
-                            actor = pools[d.step].acquire()
-                            ref = actor.run.remote(src, inp, out_key)
-                        else:
-                            cfg = plan.stages[d.step].config
-                            ref = run_task.options(num_cpus=cfg.num_cpus).remote(
-                                cfg, src, inp, out_key, settings_ref
-                            )
-                    pending[ref] = (d, actor)
-
-            submit(state.start())
+            self._submit(state.start())
             while not state.finished:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-                if ready:
-                    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-                for ref in ready:
-                    d, actor = pending.pop(ref)
-                    outcome = self._outcome(ref, d, actor, pools)
-                    submit(state.handle(self._event(d, outcome)))
+                for d, outcome in backend.wait(timeout_s=0.5):
+                    self._submit(state.handle(self._event(d, outcome)))
                 flushed = self.journal.flush() if self.journal is not None else False
-                self._collect_garbage(settings_ref, now=flushed)
+                self._collect_garbage(now=flushed)
                 self._sync_views(state)
                 if progress:
                     progress.refresh()
             self._sync_views(state)
             if self.journal is not None:
                 self.journal.flush(force=True)
-            self._collect_garbage(settings_ref, now=True, wait=True)
+            self._collect_garbage(now=True, wait=True)
             if state.fatal is not None:
                 f = state.fatal
                 self.views[f.step].failed = True
@@ -200,8 +104,7 @@ class Executor:
             error = exc
             raise
         finally:
-            for pool in pools.values():
-                pool.shutdown()
+            backend.shutdown()
             if progress:
                 progress.refresh(force=True)
                 progress.close()
@@ -216,16 +119,15 @@ class Executor:
                 console.print(summary_table(self.views, elapsed))
         return self.report
 
-    def _outcome(self, ref: Any, d: Dispatch, actor: Any, pools: dict[int, ActorPool]) -> Outcome:
-        try:
-            outcome: Outcome = ray.get(ref)
-        except RayError as exc:  # the worker, actor or node died: the system's fault, retry
-            if actor is not None:
-                pools[d.step].replace(actor)
-            return Outcome(False, error=f"{type(exc).__name__}: {exc}", retryable=True)
-        if actor is not None:
-            pools[d.step].release(actor)
-        return outcome
+    def _submit(self, actions: list[Dispatch]) -> None:
+        for d in actions:
+            view = self.views[d.step]
+            view.started = view.started or time.monotonic()
+            view.executions += 1
+            view.retries += d.attempt > 1
+            if self.start_step is not None and d.step < self.start_step[d.block]:
+                view.reexecutions += 1  # must stay 0: committed work is never redone
+            self.backend.submit(d)
 
     def _event(self, d: Dispatch, outcome: Outcome) -> Completed | Failed:
         view = self.views[d.step]
@@ -248,7 +150,7 @@ class Executor:
                 j.forget_block(self.plan.stages[d.step - 1].name, d.block)
         return Completed(d.step, d.block)
 
-    def _collect_garbage(self, settings_ref: Any, now: bool = False, wait: bool = False) -> None:
+    def _collect_garbage(self, now: bool = False, wait: bool = False) -> None:
         """Delete consumed intermediate blocks in batches, off the driver's loop.
 
         With a journal, only right after a flush (``now``): a block is deleted only once
@@ -256,14 +158,9 @@ class Executor:
         block whose input is gone and whose output is not journaled.
         """
         ready = now if self.journal is not None else now or len(self._garbage) >= DELETE_BATCH
-        if self._garbage and ready:
-            if self._deletions:  # forget finished batches
-                _, self._deletions = ray.wait(self._deletions, num_returns=len(self._deletions), timeout=0)
-            self._deletions.append(delete_blocks.remote(self._garbage, settings_ref))
-            self._garbage = []
-        if wait and self._deletions:
-            ray.get(self._deletions)
-            self._deletions = []
+        if (self._garbage and ready) or wait:
+            self.backend.delete(self._garbage if ready else [], wait=wait)
+            self._garbage = [] if ready else self._garbage
 
     def _sync_views(self, state: PipelineState) -> None:
         now = time.monotonic()

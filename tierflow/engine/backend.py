@@ -1,0 +1,184 @@
+"""Where dispatched steps run: the ``Backend`` seam between the driver loop and Ray.
+
+The executor speaks only this protocol, so its loop (state machine, journal, progress,
+garbage collection) runs unchanged against ``RayBackend`` in production and against an
+in-process fake (``tierflow.testing.InlineBackend``) in scale tests of the driver.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from tierflow.cache.settings import CacheSettings
+from tierflow.engine.runners import (
+    Outcome,
+    StageActor,
+    delete_blocks,
+    run_task,
+    sink_task,
+)
+from tierflow.engine.state import Dispatch
+from tierflow.errors import StageError, TierflowError
+from tierflow.io.sink import Sink
+from tierflow.manifest import PythonStage
+from tierflow.plan import Plan, StagePlan
+
+SINK_CONCURRENCY = 2
+ACTOR_START_TIMEOUT_S = 120.0
+
+
+class Backend(Protocol):
+    """Runs steps of one plan. Not thread-safe; used by the driver loop only."""
+
+    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
+        """Get ready to run (actors started, shared objects published). Returns, per step
+        (stages then sink), how many dispatches it can run at once."""
+        ...
+
+    def submit(self, d: Dispatch) -> None:
+        """Start step ``d.step`` on block ``d.block``. Never blocks."""
+        ...
+
+    def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
+        """Block until at least one dispatch finished or ``timeout_s`` passed; return every
+        finished one. A lost worker or actor is a failed, retryable Outcome."""
+        ...
+
+    def delete(self, keys: list[str], wait: bool = False) -> None:
+        """Drop cache blocks (asynchronously unless ``wait``)."""
+        ...
+
+    def shutdown(self) -> None:
+        ...
+
+
+class ActorPool:
+    """A fixed set of actors for one stage; each takes one block at a time."""
+
+    def __init__(self, stage: StagePlan, factory: Callable[[], Any], size: int) -> None:
+        self.stage = stage
+        self._factory = factory
+        self.actors = [factory() for _ in range(size)]
+        self._idle: deque[Any] = deque(self.actors)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until every actor is constructed. Raises naming the stage."""
+        refs = [a.ready.remote() for a in self.actors]
+        try:
+            ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            cfg = self.stage.config
+            raise TierflowError(
+                f"stage {self.stage.name!r}: {len(self.actors)} actor(s) needing {cfg.num_cpus} CPU "
+                f"each could not start within {timeout_s:.0f} s (not enough CPU in the cluster?)"
+            ) from None
+        except RayActorError as exc:
+            raise StageError(self.stage.name, -1, f"actor failed to start: {exc}") from None
+
+    def acquire(self) -> Any:
+        return self._idle.popleft()
+
+    def release(self, actor: Any) -> None:
+        self._idle.append(actor)
+
+    def replace(self, actor: Any) -> None:
+        """Swap a dead actor for a fresh one (its block is retried by the driver)."""
+        ray.kill(actor, no_restart=True)
+        new = self._factory()
+        self.actors[self.actors.index(actor)] = new
+        self._idle.append(new)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+class RayBackend:
+    """Function stages as Ray tasks; ``cls`` and Triton stages as actor pools; the sink as
+    tasks. Only ``Outcome`` metadata comes back; data moves through the cache by key."""
+
+    def __init__(self) -> None:
+        self._pools: dict[int, ActorPool] = {}
+        self._pending: dict[Any, tuple[Dispatch, Any]] = {}
+        self._deletions: list[Any] = []
+
+    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
+        self._plan, self._sink = plan, sink
+        self._settings_ref = ray.put(settings)
+        self._source_ref = ray.put(plan.source)
+        for s in plan.stages:
+            if isinstance(s.config, PythonStage) and s.config.cls is None:
+                continue
+            opts = {"num_cpus": s.config.num_cpus}
+            self._pools[s.index] = ActorPool(
+                s,
+                lambda s=s, opts=opts: StageActor.options(**opts).remote(  # type: ignore[attr-defined]
+                    s.config, triton_url, settings
+                ),
+                s.config.concurrency,
+            )
+        for pool in self._pools.values():
+            pool.wait_ready(ACTOR_START_TIMEOUT_S)
+        return stage_limits(plan)
+
+    def submit(self, d: Dispatch) -> None:
+        plan, n = self._plan, len(self._plan.stages)
+        actor = None
+        if d.step == n:
+            ref = sink_task.remote(self._sink, plan.key(n - 1, d.block), d.block, self._settings_ref)
+        else:
+            inp = plan.blocks[d.block] if d.step == 0 else plan.key(d.step - 1, d.block)
+            src = self._source_ref if d.step == 0 else None
+            out_key = plan.key(d.step, d.block)
+            if d.step in self._pools:
+                actor = self._pools[d.step].acquire()
+                ref = actor.run.remote(src, inp, out_key)
+            else:
+                cfg = plan.stages[d.step].config
+                ref = run_task.options(num_cpus=cfg.num_cpus).remote(cfg, src, inp, out_key, self._settings_ref)
+        self._pending[ref] = (d, actor)
+
+    def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
+        if not self._pending:
+            return []
+        refs = list(self._pending)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return [self._finish(ref) for ref in ready]
+
+    def _finish(self, ref: Any) -> tuple[Dispatch, Outcome]:
+        d, actor = self._pending.pop(ref)
+        try:
+            outcome: Outcome = ray.get(ref)
+        except RayError as exc:  # the worker, actor or node died: the system's fault, retry
+            if actor is not None:
+                self._pools[d.step].replace(actor)
+            return d, Outcome(False, error=f"{type(exc).__name__}: {exc}", retryable=True)
+        if actor is not None:
+            self._pools[d.step].release(actor)
+        return d, outcome
+
+    def delete(self, keys: list[str], wait: bool = False) -> None:
+        if self._deletions:  # forget finished batches
+            _, self._deletions = ray.wait(self._deletions, num_returns=len(self._deletions), timeout=0)
+        if keys:
+            self._deletions.append(delete_blocks.remote(keys, self._settings_ref))
+        if wait and self._deletions:
+            ray.get(self._deletions)
+            self._deletions = []
+
+    def shutdown(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown()
+        self._pools.clear()
+
+
+def stage_limits(plan: Plan) -> list[int]:
+    """Per step, dispatches at once: each stage's concurrency, then the sink's."""
+    return [*(s.config.concurrency for s in plan.stages), SINK_CONCURRENCY]
