@@ -20,7 +20,6 @@ import ray
 
 from tierflow.cache.settings import CacheSettings
 from tierflow.checks import check_manifest
-from tierflow.cache import get_cache
 from tierflow.engine.executor import Executor
 from tierflow.engine.journal import Journal, journal_dir
 from tierflow.engine.resume import resume_points, sink_fingerprint
@@ -162,8 +161,7 @@ def run_pipeline(
     try:
         journal.begin(manifest.name, len(plan.blocks), {s.name: s.fingerprint for s in plan.stages},
                       sink_fingerprint(plan))
-        cache = get_cache(settings)
-        executor.start_step = resume_points(plan, journal, sink.existing_parts(), cache.contains)
+        executor.start_step = resume_points(plan, journal, sink.existing_parts())
         with ray_session(manifest, address), triton_endpoint(manifest) as url:
             executor.triton_url = url
             report = executor.run()

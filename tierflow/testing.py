@@ -40,7 +40,7 @@ class InlineBackend:
         self._n = len(plan.stages)
         return stage_limits(plan)
 
-    def submit(self, d: Dispatch) -> None:
+    def submit(self, d: Dispatch, input_locations: tuple[str, ...] = ()) -> None:
         self.submitted += 1
         self._done.append(d)
 

@@ -105,3 +105,26 @@ def drive_rest(st: PipelineState, inflight: list[Dispatch]) -> list[Dispatch]:
 def test_rejects_bad_limits() -> None:
     with pytest.raises(ValueError):
         PipelineState(n_blocks=1, limits=[0], window=1)
+
+
+def test_lost_input_sends_the_block_back_one_step() -> None:
+    st = PipelineState(n_blocks=1, limits=[1, 1, 1], window=1)
+    assert st.start() == [Dispatch(0, 0)]
+    assert st.handle(Completed(0, 0)) == [Dispatch(1, 0)]
+    assert st.handle(Completed(1, 0)) == [Dispatch(2, 0)]
+    # step 2 finds no copy of step 1's output: step 1 runs again, then step 2
+    assert st.handle(Failed(2, 0, "ReplicaLost", retryable=True, lost_input=True)) == [Dispatch(1, 0)]
+    assert st.counters[1].reexecutions == 1 and st.fatal is None
+    assert st.handle(Completed(1, 0)) == [Dispatch(2, 0)]
+    assert st.handle(Completed(2, 0)) == []
+    assert st.finished and st.blocks_done == 1
+
+
+def test_lost_input_recovery_is_bounded() -> None:
+    st = PipelineState(n_blocks=1, limits=[1, 1], window=1, max_attempts=2)
+    st.start()
+    st.handle(Completed(0, 0))
+    for _ in range(2):
+        assert st.handle(Failed(1, 0, "lost", retryable=True, lost_input=True)) == [Dispatch(0, 0)]
+        st.handle(Completed(0, 0))
+    assert st.handle(Failed(1, 0, "lost", retryable=True, lost_input=True)) == [Dispatch(1, 0, 2)]

@@ -7,6 +7,7 @@ in-process fake (``tierflow.testing.InlineBackend``) in scale tests of the drive
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -14,11 +15,14 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from tierflow.cache.node_server import alive_nodes, start_cache_servers
 from tierflow.cache.settings import CacheSettings
 from tierflow.engine.runners import (
     Outcome,
     StageActor,
+    StepIO,
     delete_blocks,
+    durable_output,
     run_task,
     sink_task,
 )
@@ -30,6 +34,7 @@ from tierflow.plan import Plan, StagePlan
 
 SINK_CONCURRENCY = 2
 ACTOR_START_TIMEOUT_S = 120.0
+SERVERS_REFRESH_S = 10.0  # how often to look for nodes that joined and need a cache server
 
 
 class Backend(Protocol):
@@ -40,8 +45,9 @@ class Backend(Protocol):
         (stages then sink), how many dispatches it can run at once."""
         ...
 
-    def submit(self, d: Dispatch) -> None:
-        """Start step ``d.step`` on block ``d.block``. Never blocks."""
+    def submit(self, d: Dispatch, input_locations: tuple[str, ...] = ()) -> None:
+        """Start step ``d.step`` on block ``d.block``, whose input block has copies at
+        ``input_locations`` (empty for source blocks). Never blocks."""
         ...
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
@@ -108,7 +114,10 @@ class RayBackend:
         self._deletions: list[Any] = []
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
-        self._plan, self._sink = plan, sink
+        self._plan, self._sink, self._settings = plan, sink, settings
+        self._durable = [durable_output(settings, s.config.checkpoint) for s in plan.stages]
+        self._servers_at = time.monotonic()
+        self._nodes = set(start_cache_servers(settings))  # peer replicas go through these
         self._settings_ref = ray.put(settings)
         self._source_ref = ray.put(plan.source)
         for s in plan.stages:
@@ -126,24 +135,30 @@ class RayBackend:
             pool.wait_ready(ACTOR_START_TIMEOUT_S)
         return stage_limits(plan)
 
-    def submit(self, d: Dispatch) -> None:
+    def submit(self, d: Dispatch, input_locations: tuple[str, ...] = ()) -> None:
         plan, n = self._plan, len(self._plan.stages)
         actor = None
         if d.step == n:
-            ref = sink_task.remote(self._sink, plan.key(n - 1, d.block), d.block, self._settings_ref)
+            io = StepIO(plan.key(n - 1, d.block), "", input_locations)
+            ref = sink_task.remote(self._sink, io, d.block, self._settings_ref)
         else:
+            cfg = plan.stages[d.step].config
             inp = plan.blocks[d.block] if d.step == 0 else plan.key(d.step - 1, d.block)
+            io = StepIO(inp, plan.key(d.step, d.block), input_locations, self._durable[d.step])
             src = self._source_ref if d.step == 0 else None
-            out_key = plan.key(d.step, d.block)
             if d.step in self._pools:
                 actor = self._pools[d.step].acquire()
-                ref = actor.run.remote(src, inp, out_key)
+                ref = actor.run.remote(src, io)
             else:
-                cfg = plan.stages[d.step].config
-                ref = run_task.options(num_cpus=cfg.num_cpus).remote(cfg, src, inp, out_key, self._settings_ref)
+                ref = run_task.options(num_cpus=cfg.num_cpus).remote(cfg, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
+        if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:
+            self._servers_at = time.monotonic()
+            joined = [n for n in alive_nodes() if n not in self._nodes]
+            if joined:
+                self._nodes.update(start_cache_servers(self._settings, joined))
         if not self._pending:
             return []
         refs = list(self._pending)

@@ -55,6 +55,8 @@ class Executor:
     views: list[StepView] = field(init=False)
     parts: dict[int, PartMeta] = field(init=False, default_factory=dict)
     _garbage: list[str] = field(init=False, default_factory=list)
+    # where the copies of blocks waiting for the next step are (handed to that step)
+    _locations: dict[tuple[int, int], tuple[str, ...]] = field(init=False, default_factory=dict)
 
     def run(self) -> dict[str, Any]:
         """Run every block through every stage and the sink; commit the sink.
@@ -125,15 +127,13 @@ class Executor:
             view.started = view.started or time.monotonic()
             view.executions += 1
             view.retries += d.attempt > 1
-            if self.start_step is not None and d.step < self.start_step[d.block]:
-                view.reexecutions += 1  # must stay 0: committed work is never redone
-            self.backend.submit(d)
+            self.backend.submit(d, self._locations.pop((d.step - 1, d.block), ()) if d.step else ())
 
     def _event(self, d: Dispatch, outcome: Outcome) -> Completed | Failed:
         view = self.views[d.step]
         view.busy_s += outcome.seconds
         if not outcome.ok:
-            return Failed(d.step, d.block, outcome.error, outcome.retryable)
+            return Failed(d.step, d.block, outcome.error, outcome.retryable, outcome.lost_input)
         meta = outcome.meta
         view.rows_out += meta.rows
         j = self.journal
@@ -141,9 +141,11 @@ class Executor:
             self.parts[d.block] = meta
             if j is not None:
                 j.record_part(d.block, meta)
-        elif j is not None:
-            j.record_block(self.plan.stages[d.step].name, d.block, meta.rows, meta.nbytes, meta.checksum,
-                           meta.locations)
+        else:
+            self._locations[(d.step, d.block)] = meta.locations
+            if j is not None:
+                j.record_block(self.plan.stages[d.step].name, d.block, meta.rows, meta.nbytes, meta.checksum,
+                               meta.locations)
         if d.step > 0 and not self.plan.stages[d.step - 1].config.checkpoint:
             self._garbage.append(self.plan.key(d.step - 1, d.block))  # its only reader is done
             if j is not None:
@@ -166,6 +168,7 @@ class Executor:
         now = time.monotonic()
         for view, c in zip(self.views, state.counters):
             view.done, view.inflight, view.queued = c.done, c.inflight, c.queued
+            view.reexecutions = c.reexecutions
             if view.done >= view.total and view.finished is None:
                 view.finished = now
 

@@ -1,14 +1,16 @@
-"""Where each block resumes: the first step whose committed output cannot be found.
+"""Where each block resumes: after the last step the journal says it committed.
 
-Pure: the journal says what was committed; ``exists`` (the cache) and ``part_sizes`` (one
-listing of the sink) confirm it is still there. A journal entry whose data is gone is
-ignored, so the block resumes from the latest copy that still exists.
+Pure. Sink parts are confirmed against one listing of the sink (``part_sizes``): a part
+that is gone or has another size is written again. Intermediate blocks are not probed one
+by one (that would be a request per block against a remote store); a block the journal
+lists but no copy holds any more is found when the next step reads it, and the engine
+then recomputes it from the step before (see ``PipelineState``, ``lost_input``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from tierflow.engine.journal import Journal
 from tierflow.plan import Plan
@@ -20,9 +22,7 @@ def sink_fingerprint(plan: Plan) -> str:
     return hashlib.sha256(f"{plan.stages[-1].fingerprint}|{sorted(sink.items())}".encode()).hexdigest()
 
 
-def resume_points(
-    plan: Plan, journal: Journal, part_sizes: Mapping[str, int], exists: Callable[[str], bool]
-) -> list[int]:
+def resume_points(plan: Plan, journal: Journal, part_sizes: Mapping[str, int]) -> list[int]:
     """Per block, the first step still to run: 0..n-1 a stage, n the sink, n+1 nothing."""
     n = len(plan.stages)
     done = [journal.committed(s.name, s.fingerprint) for s in plan.stages]
@@ -34,7 +34,7 @@ def resume_points(
             continue
         start = 0
         for s in range(n - 1, -1, -1):
-            if b in done[s] and exists(plan.key(s, b)):
+            if b in done[s]:
                 start = s + 1
                 break
         points.append(start)

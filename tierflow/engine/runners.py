@@ -23,7 +23,7 @@ import ray
 from tierflow.cache.settings import CacheSettings
 from tierflow.cache.tiered import get_cache
 from tierflow.code import load_object
-from tierflow.errors import TierflowError
+from tierflow.errors import ReplicaLost, TierflowError
 from tierflow.io.sink import Sink
 from tierflow.io.source import BlockSpec, Source
 from tierflow.manifest import PythonStage, Stage, TritonStage
@@ -39,6 +39,7 @@ class Outcome:
     meta: Any = None
     error: str = ""
     retryable: bool = False
+    lost_input: bool = False
     rows_in: int = 0
     seconds: float = 0.0
 
@@ -87,67 +88,89 @@ def _checked(stage: str, out: object) -> pa.Table:
     return out
 
 
-def run_step(
-    transform: Transform,
-    source: Source | None,
-    input_ref: BlockSpec | str,
-    out_key: str,
-    settings: CacheSettings,
-) -> Outcome:
+@dataclass(frozen=True, slots=True)
+class StepIO:
+    """Where one step reads and writes. ``input`` is a source block or a cache key whose
+    copies are at ``locations`` (asked first); ``durable`` also writes the durable store."""
+
+    input: BlockSpec | str
+    output: str
+    locations: tuple[str, ...] = ()
+    durable: bool = False
+
+
+def durable_output(settings: CacheSettings, checkpoint: bool) -> bool:
+    """Whether a stage's blocks get a copy in the durable store when written.
+
+    With a remote store: checkpoints always; other blocks when ``replicas`` is 1 (the
+    durable copy is then their only protection against losing the node). With
+    ``replicas`` >= 2 other blocks live on that many nodes' LMDB only. Without a remote
+    store the durable store is the local disk, which LMDB already is: nothing extra.
+    """
+    return settings.remote_url is not None and (checkpoint or settings.replicas == 1)
+
+
+def run_step(transform: Transform, source: Source | None, io: StepIO, settings: CacheSettings) -> Outcome:
     """Read the input (a source block or a cache key), transform, write to the cache."""
     started = time.perf_counter()
     try:
         cache = get_cache(settings)
-        if isinstance(input_ref, str):
-            table = cache.get_table(input_ref)
+        if isinstance(io.input, str):
+            try:
+                table = cache.get_table(io.input, locations=io.locations)
+            except ReplicaLost as exc:
+                return _failure(exc, started, lost_input=True)
         else:
             assert source is not None
-            table = source.read(input_ref)
+            table = source.read(io.input)
         out = transform(table)
-        meta = cache.put_table(out_key, out)
+        meta = cache.put_table(io.output, out, durable=io.durable)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome the driver judges
         return _failure(exc, started)
     return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
 
 
-def write_part(sink: Sink, in_key: str, block: int, settings: CacheSettings) -> Outcome:
+def write_part(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> Outcome:
     """Sink step: read the last stage's block from the cache and commit it as one part."""
     started = time.perf_counter()
     try:
-        table = get_cache(settings).get_table(in_key)
+        assert isinstance(io.input, str)
+        try:
+            table = get_cache(settings).get_table(io.input, locations=io.locations)
+        except ReplicaLost as exc:
+            return _failure(exc, started, lost_input=True)
         meta = sink.write_part(block, table)
     except Exception as exc:  # noqa: BLE001
         return _failure(exc, started)
     return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
 
 
-def _failure(exc: BaseException, started: float) -> Outcome:
+def _failure(exc: BaseException, started: float, lost_input: bool = False) -> Outcome:
     # Triton outages and unreachable tiers are the system's fault: worth a retry. A
     # ModelError or an exception raised by user code is not.
     retryable = isinstance(exc, TierflowError) and exc.retryable
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4))
-    return Outcome(False, error=f"{text}\n{tb}", retryable=retryable, seconds=time.perf_counter() - started)
+    return Outcome(False, error=f"{text}\n{tb}", retryable=retryable, lost_input=lost_input,
+                   seconds=time.perf_counter() - started)
 
 
 # -- Ray entry points ------------------------------------------------------------------------
 
 
 @ray.remote(max_retries=0)
-def run_task(
-    stage: Stage, source: Source | None, input_ref: BlockSpec | str, out_key: str, settings: CacheSettings
-) -> Outcome:
+def run_task(stage: Stage, source: Source | None, io: StepIO, settings: CacheSettings) -> Outcome:
     """A stateless stage as a Ray task. The transform is rebuilt per task (cheap for fns)."""
     try:
         transform = make_transform(stage, None)
     except Exception as exc:  # noqa: BLE001
         return _failure(exc, time.perf_counter())
-    return run_step(transform, source, input_ref, out_key, settings)
+    return run_step(transform, source, io, settings)
 
 
 @ray.remote(max_retries=0)
-def sink_task(sink: Sink, in_key: str, block: int, settings: CacheSettings) -> Outcome:
-    return write_part(sink, in_key, block, settings)
+def sink_task(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> Outcome:
+    return write_part(sink, io, block, settings)
 
 
 @ray.remote(max_retries=3)
@@ -167,8 +190,8 @@ class StageActor:
         self._settings = settings
         self._transform = make_transform(stage, triton_url)
 
-    def run(self, source: Source | None, input_ref: BlockSpec | str, out_key: str) -> Outcome:
-        return run_step(self._transform, source, input_ref, out_key, self._settings)
+    def run(self, source: Source | None, io: StepIO) -> Outcome:
+        return run_step(self._transform, source, io, self._settings)
 
     def ready(self) -> bool:
         return True

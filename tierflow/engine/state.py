@@ -12,6 +12,8 @@ Policy:
 - Downstream steps are served first, so finished work drains before new work enters.
 - A retryable failure goes back to the front of its step's queue, up to ``max_attempts``;
   any other failure is fatal: nothing new is dispatched and the run ends with that error.
+- A step whose input block was lost (no copy left anywhere) sends the block back to the
+  step before, which recomputes it (a re-execution, counted; ``max_attempts`` per block).
 
 Every event costs O(1) amortised: no decision scans the blocks.
 """
@@ -42,10 +44,13 @@ class Completed:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
+    """``lost_input``: every copy of the block's input was gone; the step before is re-run."""
+
     step: int
     block: int
     error: str
     retryable: bool = False
+    lost_input: bool = False
 
 
 @dataclass(slots=True)
@@ -55,6 +60,7 @@ class StepCounters:
     queued: int = 0
     executions: int = 0
     retries: int = 0
+    reexecutions: int = 0  # committed blocks run again because every copy was lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,7 @@ class PipelineState:
     _open: int = field(init=False, default=0)
     _finished: int = field(init=False, default=0)
     _attempts: dict[tuple[int, int], int] = field(init=False, default_factory=dict)
+    _recovered: dict[int, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.window < 1 or any(limit < 1 for limit in self.limits):
@@ -125,6 +132,15 @@ class PipelineState:
             c.done += 1
             return self._advance(event.step, event.block)
         attempt = self._attempts.pop((event.step, event.block), 1)
+        if event.lost_input and event.step > 0 and self.fatal is None:
+            redone = self._recovered.get(event.block, 0) + 1
+            if redone <= self.max_attempts:
+                self._recovered[event.block] = redone
+                prev = self.counters[event.step - 1]
+                prev.reexecutions += 1
+                prev.queued += 1
+                self._ready[event.step - 1].appendleft((event.block, 1))
+                return self._fill(event.step)
         if event.retryable and attempt < self.max_attempts and self.fatal is None:
             c.retries += 1
             self._ready[event.step].appendleft((event.block, attempt + 1))
