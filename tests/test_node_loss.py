@@ -1,0 +1,155 @@
+"""Lose a node mid-run on a real 3-node Ray cluster: blocks come from their replicas.
+
+``ray.cluster_utils.Cluster`` runs a head (no CPUs; the driver) and three worker nodes on
+this machine, each with its own LMDB environment (``cache.dir`` holds ``{node}``). With
+``replicas: 2`` every intermediate block has a copy on its writer's node and one on a peer.
+The test removes the node holding most of stage ``a``'s committed blocks while stage ``b``
+still has to read them, and checks that the run finishes with exactly the right rows and
+that no block of ``a`` committed before the removal ran again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from example_copy import make_example
+
+pytestmark = [pytest.mark.ray]
+
+ROWS, BLOCK_ROWS = 4000, 100
+BLOCKS = ROWS // BLOCK_ROWS
+
+CODE = '''
+import time
+import pyarrow.compute as pc
+
+
+def step(t, tag, log, delay_s=0.0):
+    with open(log, "a") as fh:
+        fh.write(f"{tag} {t['id'][0].as_py() // %d}\\n")
+    time.sleep(delay_s)
+    return t.append_column(f"v_{tag}", pc.add(t["id"], len(tag)))
+
+
+class Step:
+    def __init__(self, tag, log):
+        self.tag, self.log = tag, log
+
+    def __call__(self, t):
+        return step(t, self.tag, self.log)
+''' % BLOCK_ROWS
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "_system_config": {
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 200,
+                "health_check_failure_threshold": 5,
+            },
+        },
+    )
+    workers = [c.add_node(num_cpus=2) for _ in range(3)]
+    ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path / "ex")}})
+    try:
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster: Any) -> None:
+    from tierflow.run import run_pipeline
+
+    c, workers = cluster
+    ex = make_example(tmp_path / "ex", rows=ROWS)
+    (ex / "steps.py").write_text(CODE)
+    log = str(ex / "executions.log")
+    doc = {
+        "name": "nodeloss",
+        "source": {"format": "parquet", "path": "data/", "block_rows": BLOCK_ROWS, "columns": ["id"]},
+        "stages": [
+            {"name": "a", "kind": "python", "fn": "steps:step", "concurrency": 4, "params": {"tag": "a", "log": log}},
+            {"name": "b", "kind": "python", "fn": "steps:step", "concurrency": 2,
+             "params": {"tag": "b", "log": log, "delay_s": 0.3}},
+            {"name": "c", "kind": "python", "cls": "steps:Step", "concurrency": 1, "num_cpus": 0.5,
+             "params": {"tag": "c", "log": log}},
+        ],
+        "sink": {"path": "out/", "mode": "error"},
+        "cache": {"dir": str(tmp_path / "cache-{node}"), "remote_url": f"file://{tmp_path}/durable", "replicas": 2},
+    }
+    manifest = ex / "nodeloss.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    journal = tmp_path / "durable" / "_journal" / "nodeloss" / "journal.json"
+
+    result: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            result["report"] = run_pipeline(manifest, progress_out=None)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            result["error"] = exc
+
+    runner = threading.Thread(target=drive)
+    runner.start()
+    # Wait until enough of stage a's blocks are committed but not yet consumed by b.
+    deadline = time.monotonic() + 180
+    held: dict[str, list[Any]] = {}
+    while time.monotonic() < deadline and runner.is_alive():
+        try:
+            held = json.loads(journal.read_text())["stages"]["a"]["done"]
+        except (FileNotFoundError, ValueError, KeyError):
+            held = {}
+        if len(held) >= 12:
+            break
+        time.sleep(0.05)
+    assert len(held) >= 12, f"stage a never got ahead: {result}"
+    writers = Counter(entry[3][0].split(":", 1)[1] for entry in held.values())
+    victim_id, _ = writers.most_common(1)[0]
+    on_victim = {int(b) for b, entry in held.items() if entry[3][0] == f"lmdb:{victim_id}"}
+    assert all(len(entry[3]) >= 2 for entry in held.values()), "every block should have 2 copies"
+    snapshot = json.loads(journal.read_text())
+    # a block's later output or sink part means its stage-a output was committed too
+    done_before = {int(b) for b in held} | {int(b) for b in snapshot["parts"]} | {
+        int(b) for name in ("b", "c") for b in snapshot["stages"][name]["done"]
+    }
+    seen_before = len(Path(log).read_text().splitlines())
+    victim = next(w for w in workers if w.node_id == victim_id)
+    c.remove_node(victim)
+
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    assert "error" not in result, result.get("error")
+    report = result["report"]
+
+    out = ds.dataset(str(ex / "out"), format="parquet", exclude_invalid_files=True).to_table().sort_by("id")
+    ids = out["id"].to_pylist()
+    assert ids == list(range(ROWS))
+    assert out["v_a"].to_pylist() == [i + 1 for i in ids] and out["v_c"].to_pylist() == [i + 1 for i in ids]
+
+    after = [line.split() for line in Path(log).read_text().splitlines()[seen_before:]]
+    redone_a = sorted(int(b) for tag, b in after if tag == "a" and int(b) in done_before)
+    assert redone_a == [], f"stage a re-ran committed blocks {redone_a}"
+    stages = {s["name"]: s for s in report["stages"]}
+    assert stages["a"]["reexecutions"] == 0
+    # b read blocks whose writer node was gone: only their peer copies could serve them
+    read_from_peer = {int(b) for tag, b in after if tag == "b"} & on_victim
+    assert read_from_peer, "no block written on the removed node was read after its removal"
