@@ -54,6 +54,19 @@ class _StageBase(_Model):
     concurrency: int = Field(2, gt=0, description="tasks or actors working at once")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per task/actor")
     checkpoint: bool = Field(False, description="keep this stage's blocks after the run")
+    max_attempts: int = Field(3, ge=1, description="tries per block for system failures and retry_on")
+    retry_on: tuple[str, ...] = Field(
+        (), description="exception class names (or module.Name) of user code that are retried"
+    )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="skip: a block that fails for good goes to the dead letters"
+    )
+    block_timeout_s: float | None = Field(
+        None, gt=0, description="cancel one attempt on a block after this long and retry it elsewhere"
+    )
+    speculate_after: float | None = Field(
+        3.0, gt=1, description="run a second copy of a block slower than this x the stage median"
+    )
 
 
 class PythonStage(_StageBase):
@@ -105,6 +118,9 @@ class SinkConfig(_Model):
     format: Literal["parquet"] = "parquet"
     path: str = Field(description="output directory (fsspec URL or path)")
     mode: Literal["error", "overwrite"] = Field("error", description="if a complete output exists")
+    dead_letters: str | None = Field(
+        None, description="where failed blocks go with on_error: skip (default <path>/_dead_letters)"
+    )
     storage_options: dict[str, str] = Field(default_factory=dict)
 
 

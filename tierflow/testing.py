@@ -33,6 +33,7 @@ class InlineBackend:
         self.fail = fail
         self.submitted = 0
         self.deleted = 0
+        self.dead_letters: list[tuple[int, int, str]] = []
         self._done: list[Dispatch] = []
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
@@ -61,6 +62,15 @@ class InlineBackend:
 
     def delete(self, keys: list[str], wait: bool = False) -> None:
         self.deleted += len(keys)
+
+    def can_add(self, step: int) -> bool:
+        return True
+
+    def cancel(self, d: Dispatch, reason: str | None) -> None:
+        self._done = [x for x in self._done if (x.step, x.block) != (d.step, d.block)]
+
+    def dead_letter(self, step: int, block: int, error: str, input_locations: tuple[str, ...]) -> None:
+        self.dead_letters.append((step, block, error))
 
     def shutdown(self) -> None:
         pass

@@ -128,3 +128,32 @@ def test_lost_input_recovery_is_bounded() -> None:
         assert st.handle(Failed(1, 0, "lost", retryable=True, lost_input=True)) == [Dispatch(0, 0)]
         st.handle(Completed(0, 0))
     assert st.handle(Failed(1, 0, "lost", retryable=True, lost_input=True)) == [Dispatch(1, 0, 2)]
+
+
+def test_skip_turns_a_final_failure_into_a_dead_letter() -> None:
+    from tierflow.engine.state import DeadLetter
+
+    st = PipelineState(n_blocks=3, limits=[1, 1], window=3, max_attempts=[1, 2], skip=[False, True])
+    todo = list(st.start())
+    letters = []
+    failures = {(1, 0): 2}  # block 0 fails twice at step 1: once retried, then set aside
+    while todo:
+        d = todo.pop(0)
+        assert isinstance(d, Dispatch)
+        if failures.get((d.step, d.block)):
+            failures[(d.step, d.block)] -= 1
+            out = st.handle(Failed(d.step, d.block, "ValueError: bad row", retryable=True))
+        else:
+            out = st.handle(Completed(d.step, d.block))
+        letters += [a for a in out if isinstance(a, DeadLetter)]
+        todo += [a for a in out if isinstance(a, Dispatch)]
+    assert letters == [DeadLetter(1, 0, "ValueError: bad row")]
+    assert st.finished and st.blocks_done == 3 and st.fatal is None
+    assert st.counters[1].dead_letters == 1 and st.counters[1].retries == 1 and st.counters[1].done == 2
+
+
+def test_fail_fast_where_skip_is_not_set() -> None:
+    st = PipelineState(n_blocks=2, limits=[1], window=2, max_attempts=[1], skip=[False])
+    st.start()
+    assert st.handle(Failed(0, 0, "KeyError", retryable=False)) == []
+    assert st.fatal is not None

@@ -21,10 +21,12 @@ from tierflow.engine.runners import (
     Outcome,
     StageActor,
     StepIO,
+    dead_letters_target,
     delete_blocks,
     durable_output,
     run_task,
     sink_task,
+    write_dead_letter,
 )
 from tierflow.engine.state import Dispatch
 from tierflow.errors import StageError, TierflowError
@@ -59,7 +61,21 @@ class Backend(Protocol):
         """Drop cache blocks (asynchronously unless ``wait``)."""
         ...
 
+    def can_add(self, step: int) -> bool:
+        """Whether a copy more of ``step`` can start now (a speculative one)."""
+        ...
+
+    def cancel(self, d: Dispatch, reason: str | None) -> None:
+        """Stop every running copy of ``(d.step, d.block)``; their outcomes never surface.
+        With a ``reason`` (a timeout), ``wait`` reports one retryable failure for it."""
+        ...
+
+    def dead_letter(self, step: int, block: int, error: str, input_locations: tuple[str, ...]) -> None:
+        """Write block ``block``'s input to step ``step`` and ``error`` to the dead letters."""
+        ...
+
     def shutdown(self) -> None:
+        """Wait for dead letters to be written, then stop every actor."""
         ...
 
 
@@ -86,6 +102,10 @@ class ActorPool:
         except RayActorError as exc:
             raise StageError(self.stage.name, -1, f"actor failed to start: {exc}") from None
 
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
     def acquire(self) -> Any:
         return self._idle.popleft()
 
@@ -111,7 +131,10 @@ class RayBackend:
     def __init__(self) -> None:
         self._pools: dict[int, ActorPool] = {}
         self._pending: dict[Any, tuple[Dispatch, Any]] = {}
+        self._discard: dict[Any, tuple[Dispatch, Any]] = {}  # cancelled copies still finishing
+        self._synthetic: list[tuple[Dispatch, Outcome]] = []
         self._deletions: list[Any] = []
+        self._letters: list[Any] = []
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
         self._plan, self._sink, self._settings = plan, sink, settings
@@ -120,6 +143,7 @@ class RayBackend:
         self._nodes = set(start_cache_servers(settings))  # peer replicas go through these
         self._settings_ref = ray.put(settings)
         self._source_ref = ray.put(plan.source)
+        self._letters_at = dead_letters_target(plan, sink)
         for s in plan.stages:
             if isinstance(s.config, PythonStage) and s.config.cls is None:
                 continue
@@ -135,16 +159,22 @@ class RayBackend:
             pool.wait_ready(ACTOR_START_TIMEOUT_S)
         return stage_limits(plan)
 
+    def _io(self, step: int, block: int, input_locations: tuple[str, ...]) -> StepIO:
+        plan, n = self._plan, len(self._plan.stages)
+        if step == n:
+            return StepIO(plan.key(n - 1, block), "", input_locations)
+        cfg = plan.stages[step].config
+        inp = plan.blocks[block] if step == 0 else plan.key(step - 1, block)
+        return StepIO(inp, plan.key(step, block), input_locations, self._durable[step], cfg.retry_on)
+
     def submit(self, d: Dispatch, input_locations: tuple[str, ...] = ()) -> None:
         plan, n = self._plan, len(self._plan.stages)
         actor = None
+        io = self._io(d.step, d.block, input_locations)
         if d.step == n:
-            io = StepIO(plan.key(n - 1, d.block), "", input_locations)
             ref = sink_task.remote(self._sink, io, d.block, self._settings_ref)
         else:
             cfg = plan.stages[d.step].config
-            inp = plan.blocks[d.block] if d.step == 0 else plan.key(d.step - 1, d.block)
-            io = StepIO(inp, plan.key(d.step, d.block), input_locations, self._durable[d.step])
             src = self._source_ref if d.step == 0 else None
             if d.step in self._pools:
                 actor = self._pools[d.step].acquire()
@@ -159,25 +189,59 @@ class RayBackend:
             joined = [n for n in alive_nodes() if n not in self._nodes]
             if joined:
                 self._nodes.update(start_cache_servers(self._settings, joined))
-        if not self._pending:
-            return []
-        refs = list(self._pending)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        done, self._synthetic = self._synthetic, []
+        if not self._pending and not self._discard:
+            return done
+        refs = [*self._pending, *self._discard]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=0 if done else timeout_s)
         if ready:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        return [self._finish(ref) for ref in ready]
+        for ref in ready:
+            finished = self._finish(ref)
+            if finished is not None:
+                done.append(finished)
+        return done
 
-    def _finish(self, ref: Any) -> tuple[Dispatch, Outcome]:
-        d, actor = self._pending.pop(ref)
+    def _finish(self, ref: Any) -> tuple[Dispatch, Outcome] | None:
+        discarded = ref in self._discard
+        d, actor = self._discard.pop(ref) if discarded else self._pending.pop(ref)
         try:
             outcome: Outcome = ray.get(ref)
         except RayError as exc:  # the worker, actor or node died: the system's fault, retry
             if actor is not None:
                 self._pools[d.step].replace(actor)
-            return d, Outcome(False, error=f"{type(exc).__name__}: {exc}", retryable=True)
-        if actor is not None:
-            self._pools[d.step].release(actor)
-        return d, outcome
+            outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}", retryable=True)
+        else:
+            if actor is not None:
+                self._pools[d.step].release(actor)
+        return None if discarded else (d, outcome)
+
+    def can_add(self, step: int) -> bool:
+        pool = self._pools.get(step)
+        return pool is None or pool.idle > 0
+
+    def cancel(self, d: Dispatch, reason: str | None) -> None:
+        for ref, (pd, actor) in list(self._pending.items()):
+            if (pd.step, pd.block) != (d.step, d.block):
+                continue
+            del self._pending[ref]
+            if actor is None:
+                ray.cancel(ref, force=True)
+                self._discard[ref] = (pd, None)
+            elif reason is not None:  # a hung actor: replace it, its call will fail
+                self._discard[ref] = (pd, None)
+                self._pools[pd.step].replace(actor)
+            else:  # a speculative loser on an actor: let it finish, keep the actor
+                self._discard[ref] = (pd, actor)
+        if reason is not None:
+            self._synthetic.append((d, Outcome(False, error=reason, retryable=True)))
+
+    def dead_letter(self, step: int, block: int, error: str, input_locations: tuple[str, ...]) -> None:
+        io = self._io(step, block, input_locations)
+        name = self._plan.stages[step].name if step < len(self._plan.stages) else "sink"
+        self._letters.append(
+            write_dead_letter.remote(self._letters_at, name, block, io, self._source_ref, error, self._settings_ref)
+        )
 
     def delete(self, keys: list[str], wait: bool = False) -> None:
         if self._deletions:  # forget finished batches
@@ -189,6 +253,9 @@ class RayBackend:
             self._deletions = []
 
     def shutdown(self) -> None:
+        if self._letters:
+            ray.get(self._letters)
+            self._letters = []
         for pool in self._pools.values():
             pool.shutdown()
         self._pools.clear()

@@ -8,7 +8,9 @@ finishes (no fixed sleep between dispatches); its timeout only paces progress re
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ from tierflow.engine.backend import Backend, RayBackend
 from tierflow.engine.journal import Journal
 from tierflow.engine.progress import Progress, StepView, summary_table
 from tierflow.engine.runners import Outcome
-from tierflow.engine.state import Completed, Dispatch, Failed, PipelineState
+from tierflow.engine.state import Action, Completed, DeadLetter, Dispatch, Failed, PipelineState
 from tierflow.errors import StageError
 from tierflow.faults import crash_point
 from tierflow.io.sink import PartMeta, Sink
@@ -25,6 +27,8 @@ from tierflow.manifest import PythonStage
 from tierflow.plan import Plan, StagePlan
 
 DELETE_BATCH = 64
+SPECULATE_MIN_SAMPLES = 8  # finished blocks of a stage before its median means anything
+SPECULATE_MIN_S = 1.0  # never speculate on blocks that take less than this x the factor
 
 
 @dataclass
@@ -57,6 +61,12 @@ class Executor:
     _garbage: list[str] = field(init=False, default_factory=list)
     # where the copies of blocks waiting for the next step are (handed to that step)
     _locations: dict[tuple[int, int], tuple[str, ...]] = field(init=False, default_factory=dict)
+    # (step, block) -> [started, Dispatch, input locations(, speculative copy started)]
+    _running: dict[tuple[int, int], list[Any]] = field(init=False, default_factory=dict)
+    _durations: dict[int, deque[float]] = field(
+        init=False, default_factory=lambda: defaultdict(lambda: deque(maxlen=256))
+    )
+    _watched_at: float = field(init=False, default=0.0)
 
     def run(self) -> dict[str, Any]:
         """Run every block through every stage and the sink; commit the sink.
@@ -78,11 +88,20 @@ class Executor:
             self.sink.prepare()
             limits = backend.start(plan, self.sink, self.settings, self.triton_url)
             window = self.window or max(8, 2 * sum(limits))
-            state = PipelineState(len(plan.blocks), limits, window, self.max_attempts, self.start_step)
+            cfgs = [s.config for s in plan.stages]
+            state = PipelineState(
+                len(plan.blocks), limits, window,
+                max_attempts=[*(c.max_attempts for c in cfgs), self.max_attempts],
+                start_step=self.start_step,
+                skip=[*(c.on_error == "skip" for c in cfgs), False],
+            )
             self._submit(state.start())
             while not state.finished:
                 for d, outcome in backend.wait(timeout_s=0.5):
-                    self._submit(state.handle(self._event(d, outcome)))
+                    event = self._event(d, outcome)
+                    if event is not None:
+                        self._submit(state.handle(event))
+                self._watch_running()
                 flushed = self.journal.flush() if self.journal is not None else False
                 self._collect_garbage(now=flushed)
                 self._sync_views(state)
@@ -101,7 +120,9 @@ class Executor:
             if self.journal is not None:
                 self.journal.flush(force=True)  # every part is journaled before _SUCCESS
             crash_point("before_success")
-            self.sink.commit([parts[b] for b in sorted(parts)], {"pipeline": plan.manifest.name})
+            # rows set aside are listed next to the parts, never silently missing
+            letters = {v.name: v.dead_letters for v in self.views if v.dead_letters}
+            self.sink.commit([parts[b] for b in sorted(parts)], {"pipeline": plan.manifest.name, "dead_letters": letters})
         except BaseException as exc:
             error = exc
             raise
@@ -121,19 +142,70 @@ class Executor:
                 console.print(summary_table(self.views, elapsed))
         return self.report
 
-    def _submit(self, actions: list[Dispatch]) -> None:
-        for d in actions:
-            view = self.views[d.step]
-            view.started = view.started or time.monotonic()
+    def _submit(self, actions: list[Action]) -> None:
+        now = time.monotonic()
+        for a in actions:
+            view = self.views[a.step]
+            inputs = self._locations.pop((a.step - 1, a.block), ()) if a.step else ()
+            if isinstance(a, DeadLetter):
+                view.dead_letters += 1
+                self.backend.dead_letter(a.step, a.block, a.error, inputs)
+                continue
+            view.started = view.started or now
             view.executions += 1
-            view.retries += d.attempt > 1
-            self.backend.submit(d, self._locations.pop((d.step - 1, d.block), ()) if d.step else ())
+            view.retries += a.attempt > 1
+            self._running[(a.step, a.block)] = [now, a, inputs]
+            self.backend.submit(a, inputs)
 
-    def _event(self, d: Dispatch, outcome: Outcome) -> Completed | Failed:
+    def _watch_running(self) -> None:
+        """Cancel attempts past their stage's ``block_timeout_s``; start a second copy of
+        blocks slower than ``speculate_after`` x their stage's median (first one wins)."""
+        now = time.monotonic()
+        if now - self._watched_at < 0.25:
+            return
+        self._watched_at = now
+        n = len(self.plan.stages)
+        for (step, block), entry in list(self._running.items()):
+            if step == n:
+                continue
+            cfg = self.plan.stages[step].config
+            elapsed = now - entry[0]
+            d: Dispatch = entry[1]
+            if cfg.block_timeout_s is not None and elapsed > cfg.block_timeout_s:
+                entry[0] = float("inf")  # cancelled: its failure comes back through wait()
+                self.views[step].timeouts += 1
+                self.backend.cancel(d, f"timed out after {cfg.block_timeout_s} s (block_timeout_s)")
+                continue
+            durations = self._durations[step]
+            if (
+                cfg.speculate_after is not None and len(entry) == 3 and len(durations) >= SPECULATE_MIN_SAMPLES
+                and elapsed > cfg.speculate_after * max(statistics.median(durations), SPECULATE_MIN_S)
+                and self.backend.can_add(step)
+            ):
+                entry.append(now)  # a fourth item marks the block as speculated
+                self.views[step].speculated += 1
+                self.views[step].executions += 1
+                self.backend.submit(d, entry[2])
+
+    def _event(self, d: Dispatch, outcome: Outcome) -> Completed | Failed | None:
+        """The state-machine event for an outcome; None when another copy still counts."""
         view = self.views[d.step]
         view.busy_s += outcome.seconds
+        key = (d.step, d.block)
+        entry = self._running.get(key)
+        if entry is None:
+            return None  # a copy the driver stopped caring about (cancelled, or lost a race)
+        speculated = len(entry) == 4
+        if not outcome.ok and speculated:
+            entry.pop()  # one copy failed; the other one decides
+            return None
+        del self._running[key]
+        if speculated:
+            self.backend.cancel(d, None)  # first finisher wins; writes are idempotent by key
         if not outcome.ok:
             return Failed(d.step, d.block, outcome.error, outcome.retryable, outcome.lost_input)
+        if outcome.seconds:
+            self._durations[d.step].append(outcome.seconds)
         meta = outcome.meta
         view.rows_out += meta.rows
         j = self.journal
@@ -178,7 +250,8 @@ class Executor:
             entry: dict[str, Any] = {
                 "name": v.name, "kind": v.kind, "blocks": v.total, "blocks_done": v.done,
                 "executions": v.executions, "retries": v.retries, "reused": v.reused,
-                "reexecutions": v.reexecutions,
+                "reexecutions": v.reexecutions, "dead_letters": v.dead_letters, "timeouts": v.timeouts,
+                "speculated": v.speculated,
                 "rows_out": v.rows_out, "busy_s": round(v.busy_s, 3),
             }
             if i < len(self.plan.stages):

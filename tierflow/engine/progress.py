@@ -28,6 +28,9 @@ class StepView:
     retries: int = 0
     reused: int = 0
     reexecutions: int = 0
+    dead_letters: int = 0
+    timeouts: int = 0
+    speculated: int = 0
     busy_s: float = 0.0
     failed: bool = False
     started: float | None = None

@@ -11,6 +11,7 @@ is never rebuilt by Ray's lineage; the driver retries it from the cache.
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Callable
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from tierflow.cache.settings import CacheSettings
 from tierflow.cache.tiered import get_cache
 from tierflow.code import load_object
 from tierflow.errors import ReplicaLost, TierflowError
+from tierflow.io.fs import filesystem, write_atomic
 from tierflow.io.sink import Sink
 from tierflow.io.source import BlockSpec, Source
 from tierflow.manifest import PythonStage, Stage, TritonStage
@@ -97,6 +100,7 @@ class StepIO:
     output: str
     locations: tuple[str, ...] = ()
     durable: bool = False
+    retry_on: tuple[str, ...] = ()  # user exceptions (class names) worth another attempt
 
 
 def durable_output(settings: CacheSettings, checkpoint: bool) -> bool:
@@ -126,7 +130,7 @@ def run_step(transform: Transform, source: Source | None, io: StepIO, settings: 
         out = transform(table)
         meta = cache.put_table(io.output, out, durable=io.durable)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome the driver judges
-        return _failure(exc, started)
+        return _failure(exc, started, retry_on=io.retry_on)
     return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
 
 
@@ -145,10 +149,18 @@ def write_part(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> O
     return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
 
 
-def _failure(exc: BaseException, started: float, lost_input: bool = False) -> Outcome:
+def _matches(exc: BaseException, names: tuple[str, ...]) -> bool:
+    return any(
+        c.__name__ in names or f"{c.__module__}.{c.__qualname__}" in names for c in type(exc).__mro__
+    )
+
+
+def _failure(
+    exc: BaseException, started: float, lost_input: bool = False, retry_on: tuple[str, ...] = ()
+) -> Outcome:
     # Triton outages and unreachable tiers are the system's fault: worth a retry. A
-    # ModelError or an exception raised by user code is not.
-    retryable = isinstance(exc, TierflowError) and exc.retryable
+    # ModelError or an exception raised by user code is not, unless the stage lists it.
+    retryable = (isinstance(exc, TierflowError) and exc.retryable) or _matches(exc, retry_on)
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4))
     return Outcome(False, error=f"{text}\n{tb}", retryable=retryable, lost_input=lost_input,
@@ -171,6 +183,40 @@ def run_task(stage: Stage, source: Source | None, io: StepIO, settings: CacheSet
 @ray.remote(max_retries=0)
 def sink_task(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> Outcome:
     return write_part(sink, io, block, settings)
+
+
+def dead_letters_target(plan: Any, sink: Sink) -> tuple[str, dict[str, str]]:
+    """(URL, storage_options) of the dead letters: ``sink.dead_letters`` or
+    ``<sink>/_dead_letters`` (a ``_`` directory, which Parquet dataset readers skip)."""
+    where = plan.manifest.sink.dead_letters
+    url = plan.manifest.resolve(where) if where else f"{sink.url.rstrip('/')}/_dead_letters"
+    return url, dict(plan.manifest.sink.storage_options)
+
+
+@ray.remote(max_retries=3)
+def write_dead_letter(
+    target: tuple[str, dict[str, str]], stage: str, block: int, io: StepIO, source: Source,
+    error: str, settings: CacheSettings,
+) -> str:
+    """``<target>/<stage>/block-<n>.json`` (the error) and ``.parquet`` (the rows the
+    stage got, when they can still be read). Idempotent: same names on every attempt."""
+    url, options = target
+    fs, root = filesystem(url, options)
+    base = f"{root}/{stage}/block-{block:06d}"
+    fs.makedirs(f"{root}/{stage}", exist_ok=True)
+    rows = None
+    try:
+        table = get_cache(settings).get_table(io.input, locations=io.locations) if isinstance(io.input, str) \
+            else source.read(io.input)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        write_atomic(fs, f"{base}.parquet", buf.getvalue().to_pybytes())
+        rows = table.num_rows
+    except Exception as exc:  # noqa: BLE001 - the error record is written regardless
+        error += f"\n(input rows not saved: {type(exc).__name__}: {exc})"
+    doc = {"stage": stage, "block": block, "rows": rows, "error": error}
+    write_atomic(fs, f"{base}.json", json.dumps(doc, indent=1).encode())
+    return base
 
 
 @ray.remote(max_retries=3)

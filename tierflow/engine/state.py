@@ -12,6 +12,8 @@ Policy:
 - Downstream steps are served first, so finished work drains before new work enters.
 - A retryable failure goes back to the front of its step's queue, up to ``max_attempts``;
   any other failure is fatal: nothing new is dispatched and the run ends with that error.
+- A block that fails for good at a step with ``skip`` set leaves the pipeline as a
+  ``DeadLetter`` instead of failing the run.
 - A step whose input block was lost (no copy left anywhere) sends the block back to the
   step before, which recomputes it (a re-execution, counted; ``max_attempts`` per block).
 
@@ -33,6 +35,19 @@ class Dispatch:
     step: int
     block: int
     attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Set block ``block`` aside with its error: it failed for good at ``step`` and the
+    step says ``on_error: skip``. The block leaves the pipeline."""
+
+    step: int
+    block: int
+    error: str
+
+
+Action = Dispatch | DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +76,7 @@ class StepCounters:
     executions: int = 0
     retries: int = 0
     reexecutions: int = 0  # committed blocks run again because every copy was lost
+    dead_letters: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +94,9 @@ class PipelineState:
         n_blocks: blocks in the plan.
         limits: per step, the most dispatches in flight.
         window: the most blocks open at once.
-        max_attempts: tries per (step, block) for retryable failures.
+        max_attempts: tries per (step, block) for retryable failures (one for all steps,
+            or one per step).
+        skip: per step, whether a block failing for good there becomes a dead letter.
         start_step: per block, the first step still to run (0 = all; ``len(limits)`` =
             nothing left). Resume passes what the journal says is committed.
     """
@@ -86,8 +104,9 @@ class PipelineState:
     n_blocks: int
     limits: Sequence[int]
     window: int
-    max_attempts: int = 3
+    max_attempts: int | Sequence[int] = 3
     start_step: Sequence[int] | None = None
+    skip: Sequence[bool] | None = None
     counters: list[StepCounters] = field(init=False)
     fatal: Fatal | None = field(init=False, default=None)
     _ready: list[deque[tuple[int, int]]] = field(init=False)
@@ -104,6 +123,9 @@ class PipelineState:
             raise ValueError("start_step needs one entry per block")
         self.counters = [StepCounters() for _ in self.limits]
         self._ready = [deque() for _ in self.limits]
+        n = len(self.limits)
+        self._max = [self.max_attempts] * n if isinstance(self.max_attempts, int) else list(self.max_attempts)
+        self._skip = list(self.skip) if self.skip is not None else [False] * n
 
     @property
     def n_steps(self) -> int:
@@ -120,11 +142,11 @@ class PipelineState:
     def blocks_done(self) -> int:
         return self._finished
 
-    def start(self) -> list[Dispatch]:
+    def start(self) -> list[Action]:
         """The first dispatches of the run."""
         return self._fill(self.n_steps - 1)
 
-    def handle(self, event: Completed | Failed) -> list[Dispatch]:
+    def handle(self, event: Completed | Failed) -> list[Action]:
         """Apply one event; return what to dispatch now."""
         c = self.counters[event.step]
         c.inflight -= 1
@@ -134,25 +156,30 @@ class PipelineState:
         attempt = self._attempts.pop((event.step, event.block), 1)
         if event.lost_input and event.step > 0 and self.fatal is None:
             redone = self._recovered.get(event.block, 0) + 1
-            if redone <= self.max_attempts:
+            if redone <= self._max[event.step - 1]:
                 self._recovered[event.block] = redone
                 prev = self.counters[event.step - 1]
                 prev.reexecutions += 1
                 prev.queued += 1
                 self._ready[event.step - 1].appendleft((event.block, 1))
                 return self._fill(event.step)
-        if event.retryable and attempt < self.max_attempts and self.fatal is None:
+        if event.retryable and attempt < self._max[event.step] and self.fatal is None:
             c.retries += 1
             self._ready[event.step].appendleft((event.block, attempt + 1))
             c.queued += 1
             return self._fill(event.step)
+        if self._skip[event.step] and self.fatal is None:
+            c.dead_letters += 1
+            self._open -= 1
+            self._finished += 1
+            return [DeadLetter(event.step, event.block, event.error), *self._fill(event.step)]
         if self.fatal is None:
             self.fatal = Fatal(event.step, event.block, event.error)
         return []
 
     # -- internals -------------------------------------------------------------------------
 
-    def _advance(self, step: int, block: int) -> list[Dispatch]:
+    def _advance(self, step: int, block: int) -> list[Action]:
         if step + 1 < self.n_steps:
             self._enqueue(step + 1, block)
             return self._fill(step + 1)
@@ -178,13 +205,13 @@ class PipelineState:
             return first
         return None
 
-    def _fill(self, lowest: int) -> list[Dispatch]:
+    def _fill(self, lowest: int) -> list[Action]:
         """Dispatch from steps ``lowest`` and below, downstream first, then admit blocks.
 
         Only steps at or below ``lowest`` can have gained work or slots from one event, so
         later steps are not looked at.
         """
-        out: list[Dispatch] = []
+        out: list[Action] = []
         if self.fatal is not None:
             return out
         for step in range(lowest, -1, -1):
@@ -193,7 +220,7 @@ class PipelineState:
             self._drain(first, out)
         return out
 
-    def _drain(self, step: int, out: list[Dispatch]) -> None:
+    def _drain(self, step: int, out: list[Action]) -> None:
         c, ready, limit = self.counters[step], self._ready[step], self.limits[step]
         while ready and c.inflight < limit:
             block, attempt = ready.popleft()

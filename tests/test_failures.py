@@ -1,0 +1,151 @@
+"""Failures of user code and hung work on a real local Ray: retry_on, dead letters,
+per-block timeouts and speculative copies of stragglers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from example_copy import make_example
+
+pytestmark = pytest.mark.ray
+
+ROWS, BLOCK_ROWS = 1200, 100
+BLOCKS = ROWS // BLOCK_ROWS
+
+CODE = '''
+import os
+import time
+
+
+class Flaky(Exception):
+    pass
+
+
+def _first_time(marker):
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def once(t, marker, block, action, seconds=0.0):
+    """On block ``block``, the first attempt ever misbehaves: raise, hang or dawdle."""
+    if t["id"][0].as_py() // %d == block and _first_time(marker):
+        if action == "raise":
+            raise Flaky("transient trouble")
+        time.sleep(seconds)
+    return t
+
+
+def always_fails_on(t, block):
+    if t["id"][0].as_py() // %d == block:
+        raise ValueError(f"block {block} is poison")
+    return t
+
+
+def steady(t, seconds):
+    time.sleep(seconds)
+    return t
+''' % (BLOCK_ROWS, BLOCK_ROWS)
+
+
+def pipeline(tmp_path: Path, stages: list[dict]) -> Path:  # type: ignore[type-arg]
+    ex = make_example(tmp_path / "ex", rows=ROWS)
+    (ex / "trouble.py").write_text(CODE)
+    doc = {
+        "name": "failures",
+        "source": {"format": "parquet", "path": "data/", "block_rows": BLOCK_ROWS, "columns": ["id"]},
+        "stages": stages,
+        "sink": {"path": "out/", "mode": "error"},
+    }
+    path = ex / "failures.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(manifest: Path) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[type-arg]
+    res = subprocess.run(
+        [sys.executable, "-m", "tierflow", "run", "--quiet", str(manifest)],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads((manifest.parent / ".tierflow" / "failures" / "report.json").read_text())
+    return res, report
+
+
+def ids(manifest: Path) -> list[int]:
+    t = ds.dataset(str(manifest.parent / "out"), format="parquet", exclude_invalid_files=True).to_table()
+    return sorted(t["id"].to_pylist())
+
+
+def test_retry_on_lists_the_user_exceptions_worth_retrying(tmp_path: Path) -> None:
+    marker = str(tmp_path / "m")
+    stage = {"name": "flaky", "kind": "python", "fn": "trouble:once",
+             "params": {"marker": marker, "block": 3, "action": "raise"}}
+    res, report = run(pipeline(tmp_path / "a", [{**stage, "retry_on": ["trouble.Flaky"]}]))
+    assert res.returncode == 0, res.stderr
+    assert ids(tmp_path / "a" / "ex" / "failures.yaml") == list(range(ROWS))
+    assert report["stages"][0]["retries"] == 1
+
+    os.remove(marker)
+    res, report = run(pipeline(tmp_path / "b", [stage]))  # not listed: fail fast
+    assert res.returncode == 1
+    assert "stage 'flaky' failed on block 3" in res.stderr and "Flaky: transient trouble" in res.stderr
+    assert report["stages"][0]["retries"] == 0
+
+
+def test_on_error_skip_writes_dead_letters_and_counts_them(tmp_path: Path) -> None:
+    manifest = pipeline(tmp_path, [
+        {"name": "poison", "kind": "python", "fn": "trouble:always_fails_on", "params": {"block": 5},
+         "on_error": "skip", "max_attempts": 2, "retry_on": ["ValueError"]},
+    ])
+    res, report = run(manifest)
+    assert res.returncode == 0, res.stderr
+    out = manifest.parent / "out"
+    assert ids(manifest) == [i for i in range(ROWS) if i // BLOCK_ROWS != 5]
+    letter = json.loads((out / "_dead_letters" / "poison" / "block-000005.json").read_text())
+    assert letter["rows"] == BLOCK_ROWS and "block 5 is poison" in letter["error"]
+    saved = ds.dataset(str(out / "_dead_letters" / "poison" / "block-000005.parquet")).to_table()
+    assert saved["id"].to_pylist() == list(range(500, 600))
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["dead_letters"] == {"poison": 1} and success["rows"] == ROWS - BLOCK_ROWS
+    stage = report["stages"][0]
+    assert (stage["dead_letters"], stage["retries"]) == (1, 1)
+
+
+def test_block_timeout_cancels_a_hung_attempt_and_retries_it(tmp_path: Path) -> None:
+    manifest = pipeline(tmp_path, [
+        {"name": "hang", "kind": "python", "fn": "trouble:once", "block_timeout_s": 3,
+         "params": {"marker": str(tmp_path / "m"), "block": 2, "action": "sleep", "seconds": 120}},
+    ])
+    started = time.monotonic()
+    res, report = run(manifest)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - started < 90
+    assert ids(manifest) == list(range(ROWS))
+    assert report["stages"][0]["timeouts"] == 1 and report["stages"][0]["retries"] == 1
+
+
+def test_straggler_gets_a_speculative_copy(tmp_path: Path) -> None:
+    manifest = pipeline(tmp_path, [
+        {"name": "steady", "kind": "python", "fn": "trouble:steady", "params": {"seconds": 0.05}},
+        {"name": "slowpoke", "kind": "python", "fn": "trouble:once", "speculate_after": 2,
+         "params": {"marker": str(tmp_path / "m"), "block": 10, "action": "sleep", "seconds": 120}},
+    ])
+    started = time.monotonic()
+    res, report = run(manifest)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - started < 90  # the copy finished; the straggler was abandoned
+    assert ids(manifest) == list(range(ROWS))
+    slow = report["stages"][1]
+    assert slow["speculated"] == 1 and slow["executions"] == BLOCKS + 1
