@@ -51,7 +51,9 @@ class SourceConfig(_Model):
 
 class _StageBase(_Model):
     name: str = Field(pattern=_NAME, description="unique stage name; part of every block key")
-    concurrency: int = Field(2, gt=0, description="tasks or actors working at once")
+    concurrency: int | tuple[int, int] = Field(
+        2, description="tasks at once, or actors: N, or [min, max] for a pool that scales with the backlog"
+    )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per task/actor")
     checkpoint: bool = Field(False, description="keep this stage's blocks after the run")
     max_attempts: int = Field(3, ge=1, description="tries per block for system failures and retry_on")
@@ -67,6 +69,19 @@ class _StageBase(_Model):
     speculate_after: float | None = Field(
         3.0, gt=1, description="run a second copy of a block slower than this x the stage median"
     )
+
+
+    @model_validator(mode="after")
+    def _concurrency_range(self) -> _StageBase:
+        low, high = self.concurrency_range
+        if low < 1 or high < low:
+            raise ValueError(f"concurrency must be >= 1, or [min, max] with 1 <= min <= max; got {self.concurrency}")
+        return self
+
+    @property
+    def concurrency_range(self) -> tuple[int, int]:
+        c = self.concurrency
+        return (c, c) if isinstance(c, int) else c
 
 
 class PythonStage(_StageBase):
@@ -105,7 +120,7 @@ class TritonStage(_StageBase):
     batch_size: int = Field(64, gt=0, description="rows per request (capped at max_batch_size)")
     max_inflight: int = Field(4, gt=0, description="requests in flight per actor")
     timeout_s: float = Field(60.0, gt=0, description="deadline of one request")
-    concurrency: int = Field(1, gt=0, description="client actors")
+    concurrency: int | tuple[int, int] = Field(1, description="client actors: N or [min, max]")
     num_cpus: float = Field(0.5, ge=0, description="Ray CPUs per client actor")
 
 

@@ -97,7 +97,7 @@ def _cpus_needed(manifest: Manifest) -> int:
     deadlock with actors holding every CPU while task stages wait forever.
     """
     actors = sum(
-        s.num_cpus * s.concurrency for s in manifest.stages if isinstance(s, TritonStage) or s.cls
+        s.num_cpus * s.concurrency_range[1] for s in manifest.stages if isinstance(s, TritonStage) or s.cls
     )
     tasks = max((s.num_cpus for s in manifest.stages if not (isinstance(s, TritonStage) or s.cls)), default=0)
     return int(actors + tasks + 0.999) + 1

@@ -80,13 +80,24 @@ class Backend(Protocol):
 
 
 class ActorPool:
-    """A fixed set of actors for one stage; each takes one block at a time."""
+    """The actors of one stage, each taking one block at a time, reused across blocks.
 
-    def __init__(self, stage: StagePlan, factory: Callable[[], Any], size: int) -> None:
+    Scales between ``min_size`` and ``max_size``: a block that finds every actor busy
+    starts a new one at once (Ray queues the call until it is constructed), and an actor
+    idle for ``idle_s`` is stopped while more than ``min_size`` remain.
+    """
+
+    def __init__(
+        self, stage: StagePlan, factory: Callable[[], Any], min_size: int, max_size: int, idle_s: float = 30.0
+    ) -> None:
         self.stage = stage
         self._factory = factory
-        self.actors = [factory() for _ in range(size)]
-        self._idle: deque[Any] = deque(self.actors)
+        self.max_size = max_size
+        self.min_size = min_size
+        self.idle_s = idle_s
+        self.actors = [factory() for _ in range(min_size)]
+        self._idle: deque[tuple[Any, float]] = deque((a, time.monotonic()) for a in self.actors)
+        self.started = len(self.actors)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until every actor is constructed. Raises naming the stage."""
@@ -104,20 +115,33 @@ class ActorPool:
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        """Blocks that could start now: idle actors plus room to grow."""
+        return len(self._idle) + self.max_size - len(self.actors)
 
     def acquire(self) -> Any:
-        return self._idle.popleft()
+        if self._idle:
+            return self._idle.pop()[0]  # the most recently used: keeps the others idle to shrink
+        actor = self._factory()
+        self.actors.append(actor)
+        self.started += 1
+        return actor
 
     def release(self, actor: Any) -> None:
-        self._idle.append(actor)
+        self._idle.append((actor, time.monotonic()))
 
     def replace(self, actor: Any) -> None:
-        """Swap a dead actor for a fresh one (its block is retried by the driver)."""
+        """Drop a dead or hung actor; the pool starts a new one when a block needs it."""
         ray.kill(actor, no_restart=True)
-        new = self._factory()
-        self.actors[self.actors.index(actor)] = new
-        self._idle.append(new)
+        self.actors.remove(actor)
+        self._idle = deque(entry for entry in self._idle if entry[0] is not actor)
+
+    def shrink(self) -> None:
+        """Stop actors idle for longer than ``idle_s``, keeping ``min_size``."""
+        now = time.monotonic()
+        while self._idle and len(self.actors) > self.min_size and now - self._idle[0][1] > self.idle_s:
+            actor, _ = self._idle.popleft()
+            self.actors.remove(actor)
+            ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -153,7 +177,7 @@ class RayBackend:
                 lambda s=s, opts=opts: StageActor.options(**opts).remote(  # type: ignore[attr-defined]
                     s.config, triton_url, settings
                 ),
-                s.config.concurrency,
+                *s.config.concurrency_range,
             )
         for pool in self._pools.values():
             pool.wait_ready(ACTOR_START_TIMEOUT_S)
@@ -189,6 +213,8 @@ class RayBackend:
             joined = [n for n in alive_nodes() if n not in self._nodes]
             if joined:
                 self._nodes.update(start_cache_servers(self._settings, joined))
+            for pool in self._pools.values():
+                pool.shrink()
         done, self._synthetic = self._synthetic, []
         if not self._pending and not self._discard:
             return done
@@ -263,4 +289,4 @@ class RayBackend:
 
 def stage_limits(plan: Plan) -> list[int]:
     """Per step, dispatches at once: each stage's concurrency, then the sink's."""
-    return [*(s.config.concurrency for s in plan.stages), SINK_CONCURRENCY]
+    return [*(s.config.concurrency_range[1] for s in plan.stages), SINK_CONCURRENCY]
