@@ -41,6 +41,14 @@ def step(t, tag, log, delay_s=0.0):
     return t.append_column(f"v_{tag}", pc.add(t["id"], len(tag)))
 
 
+def picky(t, bad_node):
+    import ray
+
+    if ray.get_runtime_context().get_node_id() == bad_node:
+        raise OSError("this node's scratch disk is broken")
+    return t.append_column("v_p", t["id"])
+
+
 class Step:
     def __init__(self, tag, log):
         self.tag, self.log = tag, log
@@ -150,6 +158,32 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     assert redone_a == [], f"stage a re-ran committed blocks {redone_a}"
     stages = {s["name"]: s for s in report["stages"]}
     assert stages["a"]["reexecutions"] == 0
+    assert victim_id in [n["node"] for n in report["nodes_lost"]]  # noticed from Ray's node table
     # b read blocks whose writer node was gone: only their peer copies could serve them
     read_from_peer = {int(b) for tag, b in after if tag == "b"} & on_victim
     assert read_from_peer, "no block written on the removed node was read after its removal"
+
+
+def test_a_node_that_keeps_failing_a_stage_is_excluded_from_it(tmp_path: Path, cluster: Any) -> None:
+    from tierflow.run import run_pipeline
+
+    _, workers = cluster
+    bad = workers[0].node_id
+    ex = make_example(tmp_path / "ex", rows=2000)
+    (ex / "steps.py").write_text(CODE)
+    doc = {
+        "name": "picky",
+        "source": {"format": "parquet", "path": "data/", "block_rows": 100, "columns": ["id"]},
+        "stages": [{"name": "p", "kind": "python", "fn": "steps:picky", "concurrency": 6, "max_attempts": 6,
+                    "retry_on": ["OSError"], "params": {"bad_node": bad}}],
+        "sink": {"path": "out/"},
+        "cache": {"dir": str(tmp_path / "cache-{node}"), "remote_url": f"file://{tmp_path}/durable"},
+    }
+    manifest = ex / "picky.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    report = run_pipeline(manifest, progress_out=None)
+    stage = report["stages"][0]
+    assert stage["excluded_nodes"] == [bad]
+    assert 3 <= stage["retries"] <= 3 + 6  # failures stop once the node is excluded (some were in flight)
+    out = ds.dataset(str(ex / "out"), format="parquet", exclude_invalid_files=True).to_table()
+    assert sorted(out["id"].to_pylist()) == list(range(2000))

@@ -72,5 +72,11 @@ class InlineBackend:
     def dead_letter(self, step: int, block: int, error: str, input_locations: tuple[str, ...]) -> None:
         self.dead_letters.append((step, block, error))
 
+    def exclude(self, step: int, node: str) -> bool:
+        return False
+
+    def lost_nodes(self) -> list[str]:
+        return []
+
     def shutdown(self) -> None:
         pass

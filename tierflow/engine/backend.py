@@ -37,6 +37,8 @@ from tierflow.plan import Plan, StagePlan
 SINK_CONCURRENCY = 2
 ACTOR_START_TIMEOUT_S = 120.0
 SERVERS_REFRESH_S = 10.0  # how often to look for nodes that joined and need a cache server
+NODES_REFRESH_S = 1.0  # how often Ray's node table is read to notice dead nodes
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 class Backend(Protocol):
@@ -72,6 +74,14 @@ class Backend(Protocol):
 
     def dead_letter(self, step: int, block: int, error: str, input_locations: tuple[str, ...]) -> None:
         """Write block ``block``'s input to step ``step`` and ``error`` to the dead letters."""
+        ...
+
+    def exclude(self, step: int, node: str) -> bool:
+        """Give ``step`` no more work on ``node``; False when it is the last node left."""
+        ...
+
+    def lost_nodes(self) -> list[str]:
+        """Nodes found dead since the last call (Ray's node table)."""
         ...
 
     def shutdown(self) -> None:
@@ -159,6 +169,9 @@ class RayBackend:
         self._synthetic: list[tuple[Dispatch, Outcome]] = []
         self._deletions: list[Any] = []
         self._letters: list[Any] = []
+        self._excluded: dict[int, set[str]] = {}
+        self._lost: list[str] = []
+        self._nodes_at = 0.0
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
         self._plan, self._sink, self._settings = plan, sink, settings
@@ -171,10 +184,9 @@ class RayBackend:
         for s in plan.stages:
             if isinstance(s.config, PythonStage) and s.config.cls is None:
                 continue
-            opts = {"num_cpus": s.config.num_cpus}
             self._pools[s.index] = ActorPool(
                 s,
-                lambda s=s, opts=opts: StageActor.options(**opts).remote(  # type: ignore[attr-defined]
+                lambda s=s: StageActor.options(**self._options(s.index)).remote(  # type: ignore[attr-defined]
                     s.config, triton_url, settings
                 ),
                 *s.config.concurrency_range,
@@ -204,8 +216,31 @@ class RayBackend:
                 actor = self._pools[d.step].acquire()
                 ref = actor.run.remote(src, io)
             else:
-                ref = run_task.options(num_cpus=cfg.num_cpus).remote(cfg, src, io, self._settings_ref)
+                ref = run_task.options(**self._options(d.step)).remote(cfg, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
+
+    def _options(self, step: int) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self._plan.stages[step].config.num_cpus}
+        if self._excluded.get(step):
+            opts["label_selector"] = {NODE_ID_LABEL: f"!in({', '.join(sorted(self._excluded[step]))})"}
+        return opts
+
+    def exclude(self, step: int, node: str) -> bool:
+        excluded = self._excluded.setdefault(step, set())
+        if not set(alive_nodes()) - excluded - {node} - {ray.get_runtime_context().get_node_id()}:
+            return False  # never leave a stage without a node to run on
+        excluded.add(node)
+        return True
+
+    def lost_nodes(self) -> list[str]:
+        if time.monotonic() - self._nodes_at > NODES_REFRESH_S:
+            self._nodes_at = time.monotonic()
+            alive = set(alive_nodes())
+            gone = self._nodes - alive
+            self._nodes -= gone
+            self._lost.extend(sorted(gone))
+        lost, self._lost = self._lost, []
+        return lost
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:

@@ -29,6 +29,8 @@ from tierflow.plan import Plan, StagePlan
 DELETE_BATCH = 64
 SPECULATE_MIN_SAMPLES = 8  # finished blocks of a stage before its median means anything
 SPECULATE_MIN_S = 1.0  # never speculate on blocks that take less than this x the factor
+BLACKLIST_FAILURES = 3
+BLACKLIST_WINDOW_S = 120.0
 
 
 @dataclass
@@ -67,6 +69,9 @@ class Executor:
         init=False, default_factory=lambda: defaultdict(lambda: deque(maxlen=256))
     )
     _watched_at: float = field(init=False, default=0.0)
+    _started: float = field(init=False, default=0.0)
+    _failures: dict[tuple[int, str], deque[float]] = field(init=False, default_factory=lambda: defaultdict(deque))
+    nodes_lost: list[dict[str, Any]] = field(init=False, default_factory=list)
 
     def run(self) -> dict[str, Any]:
         """Run every block through every stage and the sink; commit the sink.
@@ -80,7 +85,7 @@ class Executor:
         for first in self.start_step or ():
             for view in self.views[:first]:
                 view.reused += 1  # committed by an earlier run: read, not recomputed
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         progress = Progress(plan.manifest.name, self.views, self.progress_out) if self.progress_out else None
         backend = self.backend
         error: BaseException | None = None
@@ -102,6 +107,7 @@ class Executor:
                     if event is not None:
                         self._submit(state.handle(event))
                 self._watch_running()
+                self._watch_nodes()
                 flushed = self.journal.flush() if self.journal is not None else False
                 self._collect_garbage(now=flushed)
                 self._sync_views(state)
@@ -187,6 +193,27 @@ class Executor:
                 self.views[step].executions += 1
                 self.backend.submit(d, entry[2])
 
+    def _watch_nodes(self) -> None:
+        """Note dead nodes (report) and stop pointing readers at the copies they held."""
+        for node in self.backend.lost_nodes():
+            self.nodes_lost.append({"node": node, "at_s": round(time.monotonic() - self._started, 3)})
+            gone = f"lmdb:{node}"
+            for key, locs in self._locations.items():
+                if gone in locs:
+                    self._locations[key] = tuple(loc for loc in locs if loc != gone)
+
+    def _blame(self, step: int, node: str) -> None:
+        """Exclude a node from a stage after BLACKLIST_FAILURES failures there within
+        BLACKLIST_WINDOW_S (a bad disk, a broken driver, a poisoned cache)."""
+        now = time.monotonic()
+        times = self._failures[(step, node)]
+        times.append(now)
+        while times and now - times[0] > BLACKLIST_WINDOW_S:
+            times.popleft()
+        if len(times) >= BLACKLIST_FAILURES and node not in self.views[step].excluded_nodes:
+            if self.backend.exclude(step, node):
+                self.views[step].excluded_nodes.append(node)
+
     def _event(self, d: Dispatch, outcome: Outcome) -> Completed | Failed | None:
         """The state-machine event for an outcome; None when another copy still counts."""
         view = self.views[d.step]
@@ -203,6 +230,8 @@ class Executor:
         if speculated:
             self.backend.cancel(d, None)  # first finisher wins; writes are idempotent by key
         if not outcome.ok:
+            if outcome.node:
+                self._blame(d.step, outcome.node)
             return Failed(d.step, d.block, outcome.error, outcome.retryable, outcome.lost_input)
         if outcome.seconds:
             self._durations[d.step].append(outcome.seconds)
@@ -251,7 +280,7 @@ class Executor:
                 "name": v.name, "kind": v.kind, "blocks": v.total, "blocks_done": v.done,
                 "executions": v.executions, "retries": v.retries, "reused": v.reused,
                 "reexecutions": v.reexecutions, "dead_letters": v.dead_letters, "timeouts": v.timeouts,
-                "speculated": v.speculated,
+                "speculated": v.speculated, "excluded_nodes": v.excluded_nodes,
                 "rows_out": v.rows_out, "busy_s": round(v.busy_s, 3),
             }
             if i < len(self.plan.stages):
@@ -265,6 +294,7 @@ class Executor:
             "blocks": len(self.plan.blocks),
             "rows_in": self.plan.total_rows,
             "rows_out": sum(p.rows for p in (self.journal.parts if self.journal else self.parts).values()),
+            "nodes_lost": self.nodes_lost,
             "stages": stages,
         }
 

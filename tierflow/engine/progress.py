@@ -31,6 +31,7 @@ class StepView:
     dead_letters: int = 0
     timeouts: int = 0
     speculated: int = 0
+    excluded_nodes: list[str] = field(default_factory=list)
     busy_s: float = 0.0
     failed: bool = False
     started: float | None = None

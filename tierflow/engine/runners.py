@@ -45,6 +45,7 @@ class Outcome:
     lost_input: bool = False
     rows_in: int = 0
     seconds: float = 0.0
+    node: str = ""  # the Ray node it ran on ("" when unknown: the worker died)
 
 
 def make_transform(stage: Stage, triton_url: str | None) -> Transform:
@@ -131,7 +132,7 @@ def run_step(transform: Transform, source: Source | None, io: StepIO, settings: 
         meta = cache.put_table(io.output, out, durable=io.durable)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome the driver judges
         return _failure(exc, started, retry_on=io.retry_on)
-    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
+    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started, node=_node())
 
 
 def write_part(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> Outcome:
@@ -146,7 +147,7 @@ def write_part(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> O
         meta = sink.write_part(block, table)
     except Exception as exc:  # noqa: BLE001
         return _failure(exc, started)
-    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started)
+    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started, node=_node())
 
 
 def _matches(exc: BaseException, names: tuple[str, ...]) -> bool:
@@ -164,7 +165,11 @@ def _failure(
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4))
     return Outcome(False, error=f"{text}\n{tb}", retryable=retryable, lost_input=lost_input,
-                   seconds=time.perf_counter() - started)
+                   seconds=time.perf_counter() - started, node=_node())
+
+
+def _node() -> str:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 # -- Ray entry points ------------------------------------------------------------------------
