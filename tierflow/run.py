@@ -168,8 +168,14 @@ def run_pipeline(
         state = "succeeded"
         return report
     finally:
-        journal.finish(state)
-        journal.release_lease()
+        try:
+            journal.finish(state)
+            journal.release_lease()
+        except Exception:
+            if state == "succeeded":
+                raise  # never report success without the journal saying so
+            # the run failed already: that error matters more than the journal's
+
         report = getattr(executor, "report", None) or {
             "pipeline": manifest.name, "status": "failed", "error": str(sys.exc_info()[1]),
             "rows_out": 0, "stages": [],

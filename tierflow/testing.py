@@ -78,5 +78,8 @@ class InlineBackend:
     def lost_nodes(self) -> list[str]:
         return []
 
+    def flush(self, prefix: str) -> int:
+        return 0
+
     def shutdown(self) -> None:
         pass

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tierflow.cache.node_server import alive_nodes, start_cache_servers
 from tierflow.cache.settings import CacheSettings
@@ -24,6 +25,7 @@ from tierflow.engine.runners import (
     dead_letters_target,
     delete_blocks,
     durable_output,
+    flush_blocks,
     run_task,
     sink_task,
     write_dead_letter,
@@ -78,6 +80,11 @@ class Backend(Protocol):
 
     def exclude(self, step: int, node: str) -> bool:
         """Give ``step`` no more work on ``node``; False when it is the last node left."""
+        ...
+
+    def flush(self, prefix: str) -> int:
+        """Write the durable copies still missing under ``prefix`` on every node; returns
+        how many were written. Raises TierUnavailable while the durable store is down."""
         ...
 
     def lost_nodes(self) -> list[str]:
@@ -231,6 +238,21 @@ class RayBackend:
             return False  # never leave a stage without a node to run on
         excluded.add(node)
         return True
+
+    def flush(self, prefix: str) -> int:
+        refs = [
+            flush_blocks.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(prefix, self._settings_ref)
+            for node in alive_nodes()
+        ]
+        try:
+            return sum(ray.get(refs))
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, TierflowError) else None
+            if cause is not None:
+                raise cause from None
+            raise
 
     def lost_nodes(self) -> list[str]:
         if time.monotonic() - self._nodes_at > NODES_REFRESH_S:

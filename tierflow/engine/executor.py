@@ -20,7 +20,7 @@ from tierflow.engine.journal import Journal
 from tierflow.engine.progress import Progress, StepView, summary_table
 from tierflow.engine.runners import Outcome
 from tierflow.engine.state import Action, Completed, DeadLetter, Dispatch, Failed, PipelineState
-from tierflow.errors import StageError
+from tierflow.errors import StageError, TierflowError, TierUnavailable
 from tierflow.faults import crash_point
 from tierflow.io.sink import PartMeta, Sink
 from tierflow.manifest import PythonStage
@@ -29,6 +29,7 @@ from tierflow.plan import Plan, StagePlan
 DELETE_BATCH = 64
 SPECULATE_MIN_SAMPLES = 8  # finished blocks of a stage before its median means anything
 SPECULATE_MIN_S = 1.0  # never speculate on blocks that take less than this x the factor
+DURABLE_BUDGET_S = 300.0  # how long the end of a run waits for an unreachable durable store
 BLACKLIST_FAILURES = 3
 BLACKLIST_WINDOW_S = 120.0
 
@@ -72,6 +73,7 @@ class Executor:
     _started: float = field(init=False, default=0.0)
     _failures: dict[tuple[int, str], deque[float]] = field(init=False, default_factory=lambda: defaultdict(deque))
     nodes_lost: list[dict[str, Any]] = field(init=False, default_factory=list)
+    durable_catch_up: int = field(init=False, default=0)
 
     def run(self) -> dict[str, Any]:
         """Run every block through every stage and the sink; commit the sink.
@@ -122,6 +124,7 @@ class Executor:
                 self.views[f.step].failed = True
                 name = self.views[f.step].name
                 raise StageError(name, f.block, f.error.splitlines()[0] if f.error else "failed")
+            self._make_durable()
             parts = self.journal.parts if self.journal is not None else self.parts
             if self.journal is not None:
                 self.journal.flush(force=True)  # every part is journaled before _SUCCESS
@@ -192,6 +195,26 @@ class Executor:
                 self.views[step].speculated += 1
                 self.views[step].executions += 1
                 self.backend.submit(d, entry[2])
+
+    def _make_durable(self) -> None:
+        """Write the durable copies that an outage of the durable store left missing, with
+        backoff; fail the run (no ``_SUCCESS``) once ``DURABLE_BUDGET_S`` is spent."""
+        if self.settings.remote_url is None:
+            return
+        deadline = time.monotonic() + DURABLE_BUDGET_S
+        delay = 1.0
+        while True:
+            try:
+                self.durable_catch_up = self.backend.flush(f"{self.plan.manifest.name}/")
+                return
+            except TierUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TierflowError(
+                        f"the durable store stayed unreachable for {DURABLE_BUDGET_S:.0f} s; blocks of this "
+                        f"run are only on local disks, so it is not reported complete (re-run to finish): {exc}"
+                    ) from None
+                time.sleep(delay)  # the run is otherwise done: nothing else to do meanwhile
+                delay = min(delay * 2, 30.0)
 
     def _watch_nodes(self) -> None:
         """Note dead nodes (report) and stop pointing readers at the copies they held."""
@@ -295,6 +318,7 @@ class Executor:
             "rows_in": self.plan.total_rows,
             "rows_out": sum(p.rows for p in (self.journal.parts if self.journal else self.parts).values()),
             "nodes_lost": self.nodes_lost,
+            "durable_catch_up": self.durable_catch_up,
             "stages": stages,
         }
 

@@ -90,6 +90,7 @@ class Journal:
     updated_at: float = 0.0
     # Who holds the lease: this process's object, never read back from storage.
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    unreachable: str = field(init=False, default="")  # the last periodic flush's error
     _last_flush: float = field(init=False, default=0.0)
     _dirty: bool = field(init=False, default=False)
 
@@ -161,10 +162,25 @@ class Journal:
         self.flush(force=True)
 
     def flush(self, force: bool = False) -> bool:
-        """Write the journal if something changed and ``interval_s`` passed (or ``force``)."""
+        """Write the journal if something changed and ``interval_s`` passed (or ``force``).
+
+        A periodic flush that cannot reach the durable store returns False and is tried
+        again at the next interval (the run goes on); a forced one raises.
+        """
         now = time.monotonic()
         if not force and (not self._dirty or now - self._last_flush < self.interval_s):
             return False
+        if force:
+            self._write(now)
+            return True
+        try:
+            self._write(now)
+        except Exception as exc:  # noqa: BLE001 - any store error: keep the changes, retry later
+            self._last_flush, self.unreachable = now, f"{type(exc).__name__}: {exc}"
+            return False
+        return True
+
+    def _write(self, now: float) -> None:
         self.updated_at = time.time()
         doc = {
             "version": VERSION, "pipeline": self.pipeline, "run_id": self.run_id, "state": self.state,
@@ -176,10 +192,9 @@ class Journal:
         fs, root = self._fs
         fs.makedirs(root, exist_ok=True)
         write_atomic(fs, f"{root}/{JOURNAL}", json.dumps(doc, separators=(",", ":")).encode(), crash="journal_write")
-        self._last_flush, self._dirty = now, False
+        self._last_flush, self._dirty, self.unreachable = now, False, ""
         if self.state == "running":
             self.renew_lease()
-        return True
 
     # -- the lease -------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import ray
 from tierflow.cache.settings import CacheSettings
 from tierflow.cache.tiered import get_cache
 from tierflow.code import load_object
-from tierflow.errors import ReplicaLost, TierflowError
+from tierflow.errors import ReplicaLost, TierflowError, TierUnavailable
 from tierflow.io.fs import filesystem, write_atomic
 from tierflow.io.sink import Sink
 from tierflow.io.source import BlockSpec, Source
@@ -129,7 +129,14 @@ def run_step(transform: Transform, source: Source | None, io: StepIO, settings: 
             assert source is not None
             table = source.read(io.input)
         out = transform(table)
-        meta = cache.put_table(io.output, out, durable=io.durable)
+        try:
+            meta = cache.put_table(io.output, out, durable=io.durable)
+        except TierUnavailable:
+            if not io.durable:
+                raise
+            # The durable store is down: keep going on local copies (pinned until written
+            # there); the driver flushes them before it may report success.
+            meta = cache.put_table(io.output, out, durable=False)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome the driver judges
         return _failure(exc, started, retry_on=io.retry_on)
     return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started, node=_node())
@@ -222,6 +229,12 @@ def write_dead_letter(
     doc = {"stage": stage, "block": block, "rows": rows, "error": error}
     write_atomic(fs, f"{base}.json", json.dumps(doc, indent=1).encode())
     return base
+
+
+@ray.remote(max_retries=0)
+def flush_blocks(prefix: str, settings: CacheSettings) -> int:
+    """Write the durable copy of this node's pinned blocks under ``prefix``."""
+    return get_cache(settings).flush(prefix)
 
 
 @ray.remote(max_retries=3)
