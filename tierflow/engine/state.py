@@ -17,7 +17,7 @@ Policy:
 - A step whose input block was lost (no copy left anywhere) sends the block back to the
   step before, which recomputes it (a re-execution, counted; ``max_attempts`` per block).
 
-Every event costs O(1) amortised: no decision scans the blocks.
+Every event costs O(1) amortised: no decision scans the blocks or the steps.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class PipelineState:
 
     def start(self) -> list[Action]:
         """The first dispatches of the run."""
-        return self._fill(self.n_steps - 1)
+        return self._fill()
 
     def handle(self, event: Completed | Failed) -> list[Action]:
         """Apply one event; return what to dispatch now."""
@@ -162,7 +162,7 @@ class PipelineState:
                 prev.reexecutions += 1
                 prev.queued += 1
                 self._ready[event.step - 1].appendleft((event.block, 1))
-                return self._fill(event.step)
+                return self._fill(event.step, event.step - 1)
         if event.retryable and attempt < self._max[event.step] and self.fatal is None:
             c.retries += 1
             self._ready[event.step].appendleft((event.block, attempt + 1))
@@ -182,7 +182,7 @@ class PipelineState:
     def _advance(self, step: int, block: int) -> list[Action]:
         if step + 1 < self.n_steps:
             self._enqueue(step + 1, block)
-            return self._fill(step + 1)
+            return self._fill(step + 1, step)
         self._open -= 1
         self._finished += 1
         return self._fill(step)
@@ -205,16 +205,17 @@ class PipelineState:
             return first
         return None
 
-    def _fill(self, lowest: int) -> list[Action]:
-        """Dispatch from steps ``lowest`` and below, downstream first, then admit blocks.
+    def _fill(self, *steps: int) -> list[Action]:
+        """Dispatch from ``steps`` (downstream first), then admit blocks while the window
+        allows.
 
-        Only steps at or below ``lowest`` can have gained work or slots from one event, so
-        later steps are not looked at.
+        One event can only free a slot at its own step and add work to the next one, so
+        only those are looked at: every other step already has no work or no free slot.
         """
         out: list[Action] = []
         if self.fatal is not None:
             return out
-        for step in range(lowest, -1, -1):
+        for step in steps:
             self._drain(step, out)
         while (first := self._admit()) is not None:
             self._drain(first, out)
