@@ -144,13 +144,22 @@ class Normalize:
 
 
 def summarize(table: pa.Table, log: str | None = None, delay_s: float = 0.0) -> pa.Table:
-    """Confidence and a per-row digest of the model output; drops the wide columns."""
+    """Confidence and a per-row digest of the model output (of the first 4 features when
+    the pipeline has no model stage); drops the wide columns."""
     _log(log, "summarize", table, "start")
-    probs = table["probs"].combine_chunks()
-    p = probs.flatten().to_numpy().reshape(len(probs), -1)
+    if "probs" in table.column_names:
+        probs = table["probs"].combine_chunks()
+        p = probs.flatten().to_numpy().reshape(len(probs), -1)
+        label = table["label"]
+    else:
+        f = table["features"].combine_chunks()
+        z = f.flatten().to_numpy().reshape(len(f), 16)[:, :4].astype(np.float64)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        label = pa.array(p.argmax(axis=1).astype(np.int64))
     time.sleep(delay_s)
-    out = table.select(["id", "label"]).append_column("confidence", pa.array(p.max(axis=1).astype(np.float32)))
-    out = out.append_column("digest", pa.array(np.round(p @ np.arange(1, p.shape[1] + 1), 5)))
+    out = pa.table({"id": table["id"], "label": label,
+                    "confidence": pa.array(p.max(axis=1).astype(np.float32)),
+                    "digest": pa.array(np.round(p @ np.arange(1, p.shape[1] + 1), 5))})
     _log(log, "summarize", table, "end")
     return out
 
@@ -172,7 +181,16 @@ def write_demo_data(out: Path, rows: int, files: int = 4, seed: int = 3) -> None
                        out / f"part-{f:03d}.parquet")
 
 
-def demo_manifest(work: Path, rows: int, block_rows: int, delay_s: float) -> Path:
+def demo_expected(data: Path) -> pa.Table:
+    """The demo pipeline without its model stage, applied in this process to all of
+    ``data`` at once: what a correct run must output (the functions are row-independent)."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(data), format="parquet").to_table()
+    return summarize(Normalize()(features(table)))
+
+
+def demo_manifest(work: Path, rows: int, block_rows: int, delay_s: float, triton: bool = True) -> Path:
     """Write the demo data and manifest into ``work``; returns the manifest path."""
     import yaml
 
@@ -197,6 +215,10 @@ def demo_manifest(work: Path, rows: int, block_rows: int, delay_s: float) -> Pat
         "sink": {"path": "out/", "mode": "overwrite"},
         "triton": {"launch": True, "repository": str(ROOT / "triton_models")},
     }
+    if not triton:
+        doc["stages"] = [st for st in doc["stages"] if st["kind"] != "triton"]
+        doc["stages"][-1]["requires"] = ["id", "features"]
+        del doc["triton"]
     path = work / "chaos-demo.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -369,13 +391,18 @@ class RestartableTriton:
     def url(self) -> str:
         return str(self.server.grpc_url)
 
-    def restart(self, down_s: float = 0.0) -> dict[str, Any]:
+    def restart(self, down_s: float = 0.0, crash: bool = False) -> dict[str, Any]:
+        """Stop the server (SIGTERM, or SIGKILL when ``crash``), wait ``down_s``, start a new
+        one on the same ports; returns timings."""
         t0 = time.monotonic()
+        if crash and self.server.pid is not None:
+            os.kill(self.server.pid, signal.SIGKILL)
         self.server.stop()
         stopped = time.monotonic() - t0
         time.sleep(down_s)
         self.start()
-        return {"stop_s": round(stopped, 2), "down_s": round(time.monotonic() - t0, 2), "url": self.url}
+        return {"how": "SIGKILL" if crash else "SIGTERM", "stop_s": round(stopped, 2),
+                "down_s": round(time.monotonic() - t0, 2), "url": self.url}
 
     def stop(self) -> None:
         if self.server is not None:
@@ -432,6 +459,7 @@ class FaultInjector:
     triton: RestartableTriton | None
     triton_down_s: float = 0.0
     seed: int = 0
+    triton_crash: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def run_while(self, runner: threading.Thread, t0: float) -> None:
@@ -457,7 +485,7 @@ class FaultInjector:
                 elif self.triton is None:
                     event["injected"], event["detail"] = False, "the pipeline has no Triton stage"
                 else:
-                    event["detail"] = self.triton.restart(self.triton_down_s)
+                    event["detail"] = self.triton.restart(self.triton_down_s, self.triton_crash)
                     event["injected"] = True
             except Exception as exc:  # noqa: BLE001 - the summary names it
                 event["injected"], event["detail"] = False, f"{type(exc).__name__}: {exc}"
@@ -592,7 +620,7 @@ def read_output(out: Path) -> tuple[pa.Table | None, list[str]]:
     success = read_success(str(out))
     names = {e.name for e in out.iterdir()} if out.exists() else set()
     if success is None:
-        return None, sorted(names)
+        return None, []
     parts = [p["name"] for p in success["parts"]]  # type: ignore[index,union-attr]
     stray = sorted(n for n in names - set(parts) if n != "_SUCCESS")
     tables = [pq.read_table(out / n) for n in parts]
@@ -671,15 +699,22 @@ def stage_table(report: dict[str, Any] | None) -> list[dict[str, Any]]:
 def run_chaos(manifest: Path | None = None, *, id_column: str = "id", schedule: str = DEFAULT_SCHEDULE,
               nodes: int = 3, cpus_per_node: int = 2, replicas: int = 2, triton_down_s: float = 0.0,
               work: Path | None = None, rows: int = 6000, block_rows: int = 100, delay_s: float = 0.15,
-              seed: int = 0, golden: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Golden run + chaos run + oracle; returns the summary (``summary["ok"]``)."""
+              seed: int = 0, golden: bool | str = True, quiet: bool = False,
+              triton_crash: bool = False, demo_triton: bool = True) -> dict[str, Any]:
+    """Golden run + chaos run + oracle; returns the summary (``summary["ok"]``).
+
+    ``golden``: True runs the manifest fault-free first and compares with its output;
+    ``"local"`` (demo pipeline without Triton only) compares with the demo functions applied
+    in this process; False compares ids only."""
+    if golden == "local" and (manifest is not None or demo_triton):
+        raise ValueError('golden="local" needs the demo pipeline without its Triton stage')
     plan = parse_schedule(schedule)
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix="tierflow-chaos-")) if work is None else Path(work)
     work.mkdir(parents=True, exist_ok=True)
     exec_log = None
     if manifest is None:
-        manifest = demo_manifest(work, rows, block_rows, delay_s)
+        manifest = demo_manifest(work, rows, block_rows, delay_s, demo_triton)
         exec_log = work / "executions.log"
     prepared = prepare(Path(manifest), id_column, exec_log)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -704,7 +739,9 @@ def run_chaos(manifest: Path | None = None, *, id_column: str = "id", schedule: 
         url = triton.url if triton else None
 
         golden_table = None
-        if golden:
+        if golden == "local":
+            golden_table = demo_expected(work / "data")
+        elif golden:
             g_manifest, g_out, _ = variant(prepared, work, "golden", replicas, url)
             report, error, elapsed = run_once(g_manifest)
             summary["golden"] = {"elapsed_s": round(elapsed, 2), "error": repr(error) if error else None,
@@ -715,7 +752,7 @@ def run_chaos(manifest: Path | None = None, *, id_column: str = "id", schedule: 
         log_mark = len(exec_log.read_text().splitlines()) if exec_log and exec_log.exists() else 0
         c_manifest, c_out, journal = variant(prepared, work, "chaos", replicas, url)
         faults = FaultInjector(plan, lambda: journal_progress(journal, prepared.n_stages), cluster, triton,
-                               triton_down_s, seed)
+                               triton_down_s, seed, triton_crash)
         result: dict[str, Any] = {}
         runner = threading.Thread(target=lambda: result.update(zip(("report", "error", "elapsed"),
                                                                    run_once(c_manifest))), name="chaos-run")
@@ -812,11 +849,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus-per-node", type=int, default=2)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--triton-down-s", type=float, default=0.0, help="seconds Triton stays down when restarted")
+    ap.add_argument("--triton-crash", action="store_true", help="restart Triton by SIGKILL instead of SIGTERM")
     ap.add_argument("--rows", type=int, default=6000, help="demo pipeline: rows")
     ap.add_argument("--block-rows", type=int, default=100, help="demo pipeline: rows per block")
     ap.add_argument("--delay-s", type=float, default=0.15, help="demo pipeline: extra seconds per block and stage")
+    ap.add_argument("--no-triton", action="store_true", help="demo pipeline: leave out the Triton stage")
     ap.add_argument("--seed", type=int, default=0, help="picks which running worker each kill hits")
     ap.add_argument("--no-golden", action="store_true", help="skip the fault-free run (no content comparison)")
+    ap.add_argument("--local-golden", action="store_true",
+                    help="demo without Triton: compare with the stage functions applied in-process, no golden run")
     ap.add_argument("--work", help="scratch directory (default: a temp dir, removed when the oracle passes)")
     ap.add_argument("--json", help="write the summary here")
     args = ap.parse_args(argv)
@@ -831,7 +872,8 @@ def main(argv: list[str] | None = None) -> int:
                         schedule=args.schedule, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
                         replicas=args.replicas, triton_down_s=args.triton_down_s,
                         work=Path(args.work) if args.work else None, rows=args.rows, block_rows=args.block_rows,
-                        delay_s=args.delay_s, seed=args.seed, golden=not args.no_golden)
+                        delay_s=args.delay_s, seed=args.seed, golden="local" if args.local_golden else not args.no_golden,
+                        triton_crash=args.triton_crash, demo_triton=not args.no_triton)
     print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
