@@ -5,7 +5,7 @@ Command behind the "Pipeline" section of ``docs/throughput-benchmarks.md``::
 
     /tmp/venv/bin/python tools/bench_pipeline.py --json /tmp/bench-pipeline.json
 
-Options: ``--rows N`` (default 1,000,000), ``--block-rows B`` (rows per tierflow block =
+Options: ``--rows N`` (default 2,500,000), ``--block-rows B`` (rows per tierflow block =
 Ray Data ``batch_size``; default 20,000), ``--rounds N`` (default 3), ``--replicas 1,2``
 (the tierflow configurations measured; Ray Data runs once per round next to each),
 ``--num-cpus N`` (logical CPUs of the Ray instance both systems share; default 3, what
@@ -431,6 +431,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "startup_s": stat([r["startup_s"] for r in runs]),
         "total_s": stat([r["total_s"] for r in runs]),
         "cpu_busy_s": stat([r["cpu_busy_s"] for r in runs]),
+        "ours_cpu_s": stat([r["ours_cpu_s"] for r in runs]),
+        "others_cpu_s": stat([r["others_cpu_s"] for r in runs]),
         "steady_rows_per_s": stat([r["steady_rows_per_s"] or float("nan") for r in runs]),
     }
 
@@ -462,8 +464,8 @@ def _tree_cpu() -> dict[int, tuple[str, float]]:
             group = "driver"
         elif "tritonserver" in cmd or "triton_python_backend_stub" in cmd:
             group = "triton"
-        elif cmd.startswith("ray::") or "default_worker.py" in cmd:
-            group = "ray-worker"
+        elif cmd.startswith("ray::") or "default_worker.py" in cmd or not cmd.strip():
+            group = "ray-worker"  # an empty command line: a worker being torn down
         else:
             group = "ray-daemon"
         out[pid] = (group, cpu)
@@ -471,10 +473,15 @@ def _tree_cpu() -> dict[int, tuple[str, float]]:
 
 
 def cpu_by_group(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each group used between the snapshots, plus ``new_processes`` (started
+    in between and still alive; a process that both started and ended in between is
+    missed, and so is the CPU an ending process used after ``before``)."""
     groups: dict[str, float] = {}
     for pid, (group, cpu) in after.items():
         groups[group] = groups.get(group, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
-    return {g: round(v, 1) for g, v in sorted(groups.items())}
+    out = {g: round(v, 1) for g, v in sorted(groups.items())}
+    out["new_processes"] = sum(pid not in before for pid in after)
+    return out
 
 
 def cpu_busy_s() -> float:
@@ -524,11 +531,13 @@ def compare(work: Path, args: argparse.Namespace, url: str, replicas_list: list[
                 res["cpu_busy_s"] = cpu_busy_s() - busy
                 res["cpu_s"] = cpu_by_group(tree, _tree_cpu())
                 digests.setdefault(name, output_digest(work / f"out-bench-{where}-r{r}"))
+            res["ours_cpu_s"] = round(sum(v for k, v in res["cpu_s"].items() if k != "new_processes"), 1)
+            res["others_cpu_s"] = round(res["cpu_busy_s"] - res["ours_cpu_s"], 1)  # other users' jobs
             res["round"] = rnd
             runs[name].append(res)
             print(f"  [{where}] round {rnd} {name:12s} rows {res['rows']:>9,d}  start-up {res['startup_s']:6.2f}s  "
                   f"run {res['run_s']:6.2f}s  total {res['total_s']:6.2f}s  -> {res['rows'] / res['run_s']:>9,.0f} rows/s"
-                  f"  CPU-s: machine {res['cpu_busy_s']:.0f}, ours {res['cpu_s']}", flush=True)
+                  f"  CPU-s: ours {res['ours_cpu_s']:.1f} {res['cpu_s']}, others {res['others_cpu_s']:.1f}", flush=True)
     out: dict[str, Any] = {"warmup_s": round(warmup_s, 1), "runs": runs, "digests": digests,
                            "outputs_match": len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1,
                            "summary": {k: summarize(v) for k, v in runs.items()}}
@@ -582,7 +591,7 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write every run and the ratios here")
-    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, default=2_500_000)
     ap.add_argument("--block-rows", type=int, default=20_000)
     ap.add_argument("--files", type=int, default=0, help="input files (default: 5 blocks per file)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -670,7 +679,8 @@ def main() -> None:
         for name, s in sec["summary"].items():
             print(f"  {name:12s} rows/s {s['rows_per_s']['median']:>9,.0f} ({s['rows_per_s']['min']:,.0f}-"
                   f"{s['rows_per_s']['max']:,.0f})  run {s['run_s']['median']:.2f}s  start-up "
-                  f"{s['startup_s']['median']:.2f}s  total {s['total_s']['median']:.2f}s")
+                  f"{s['startup_s']['median']:.2f}s  total {s['total_s']['median']:.2f}s  "
+                  f"our CPU {s['ours_cpu_s']['median']:.1f}s, others' {s['others_cpu_s']['median']:.1f}s")
         for r in replicas_list:
             q = sec[f"ratio_replicas{r}"]
             st = sec.get(f"ratio_steady_replicas{r}", {}).get("median", float("nan"))

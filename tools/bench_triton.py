@@ -7,7 +7,8 @@ Command behind the "Triton stage" section of ``docs/throughput-benchmarks.md``::
 Options: ``--models mlp_classifier,text_embedder``, ``--points 64x1,64x2,...`` (request
 rows x requests in flight), ``--rounds N`` (default 5), ``--instances K`` (serve a copy of
 ``triton_models/`` with ``count: K`` in every instance group; default: as configured, 1),
-``--scale F`` (multiplies the rows per measurement), ``--no-shm``, ``--quick``.
+``--target-s S`` (rows per measurement: about S seconds of work for the fastest system, default
+0.8), ``--scale F`` (multiplies the table sizes), ``--no-shm``, ``--quick`` (2 rounds, S/4).
 
 One ``tritonserver`` (the bundled one, ``TritonServer``) serves both models for the whole
 run. At every point (model, batch rows ``B``, in-flight ``F``) three systems push the same
@@ -312,7 +313,7 @@ def conversion_costs(tables: dict[str, pa.Table], url: str, repeat: int = 7) -> 
             fn()
             secs = statistics.median(timed(fn) for _ in range(repeat))
             out.append({"model": model, "conversion": name, "rows": table.num_rows,
-                        "ms": round(secs * 1e3, 3), "ns_per_row": round(secs / table.num_rows * 1e9, 1)})
+                        "ms": round(secs * 1e3, 4), "ns_per_row": round(secs / table.num_rows * 1e9, 3)})
     ctl.close()
     return out
 
@@ -484,7 +485,7 @@ def main() -> None:
     print(f"triton_ratio (median over points) {report['triton_ratio']:.3f}, worst point {report['triton_ratio_min']:.3f}"
           + (f"; shm/plain median {report['shm_vs_plain_median']:.3f}" if shm_r else ""))
     for c in report["conversion"]:
-        print(f"  convert {c['model']:15s} {c['conversion']:36s} {c['ns_per_row']:>8.1f} ns/row")
+        print(f"  convert {c['model']:15s} {c['conversion']:36s} {c['ms']:>9.3f} ms for {c['rows']:,} rows")
     if "oversize_request" in report:
         print(f"  512-row request to mlp_classifier (max_batch_size 256): {report['oversize_request']}")
     if args.json:
