@@ -152,12 +152,16 @@ def test_concurrent_calls_share_one_client(
     assert len(results) == 4
 
 
-def test_pickles_without_its_connection(triton_server: TritonServer) -> None:
-    client = _mlp(triton_server.grpc_url)
-    client.infer_table(_mlp_table(_features(10)))
-    assert client._client is not None
+def test_pickles_without_its_connections(triton_server: TritonServer) -> None:
+    unreachable = f"127.0.0.1:{_free_port('127.0.0.1')}"
+    client = _mlp([triton_server.grpc_url, unreachable], batch_size=4)
+    client.infer_table(_mlp_table(_features(40)))
+    assert all(ep.client is not None for ep in client._pool.endpoints)
+    assert [s.state for s in client.endpoint_stats()] == ["healthy", "out"]
     clone = pickle.loads(pickle.dumps(client))  # what shipping it to a Ray actor does
-    assert clone._client is None
+    assert clone.urls == client.urls
+    assert all(ep.client is None for ep in clone._pool.endpoints)
+    assert [s.state for s in clone.endpoint_stats()] == ["healthy", "healthy"]  # fresh health
     assert clone.infer_table(_mlp_table(_features(10))).num_rows == 10
     client.close()
     client.close()
@@ -216,17 +220,27 @@ def test_output_column_clash_and_missing_input_column(triton_server: TritonServe
         _mlp(triton_server.grpc_url).infer_table(pa.table({"x": [1]}))
 
 
-def test_unreachable_url_fails_fast_with_backoff() -> None:
+def test_unreachable_url_fails_after_the_readiness_wait() -> None:
+    url = f"127.0.0.1:{_free_port('127.0.0.1')}"
+    policy = RetryPolicy(3, 0.01, 0.05, jitter=0.0, ready_timeout_s=0.5)
+    client = _mlp(url, timeout_s=2.0, retry=policy)
+    t0 = time.monotonic()
+    with pytest.raises(TritonUnavailable, match=r"not ready on the endpoint within 0.5s") as info:
+        client.infer_table(_mlp_table(_features(4)))
+    assert time.monotonic() - t0 < 5
+    assert info.value.url == url and url in str(info.value)
+    (stats,) = client.endpoint_stats()
+    assert stats.sent == 1 and stats.state == "out"  # polled, never blindly resent
+
+
+def test_unreachable_url_without_readiness_wait_gives_up_after_the_backoff() -> None:
     url = f"127.0.0.1:{_free_port('127.0.0.1')}"
     sleeps: list[float] = []
-    client = _mlp(
-        url, timeout_s=2.0, retry=RetryPolicy(3, 0.01, 0.05, jitter=0.0), sleep=sleeps.append
-    )
-    t0 = time.monotonic()
+    policy = RetryPolicy(3, 0.01, 0.05, jitter=0.0, ready_timeout_s=0)
+    client = _mlp(url, timeout_s=2.0, retry=policy, sleep=sleeps.append)
     with pytest.raises(TritonUnavailable, match="gave up after 3 attempt") as info:
         client.infer_table(_mlp_table(_features(4)))
-    assert time.monotonic() - t0 < 10
-    assert info.value.url == url and url in str(info.value)
+    assert info.value.url == url
     assert sleeps == pytest.approx([0.01, 0.02])
 
 
@@ -238,7 +252,10 @@ def test_deadline_exceeded_is_retried_then_unavailable(triton_server: TritonServ
     with pytest.raises(TritonUnavailable, match="DEADLINE_EXCEEDED") as info:
         client.infer_table(_mlp_table(_features(10)))
     assert info.value.url == triton_server.grpc_url
-    assert len(sleeps) == 2
+    assert "gave up after 3 attempt(s)" in info.value.reason
+    (stats,) = client.endpoint_stats()
+    assert stats.failed == 3 and stats.in_flight == 0
+    assert len(sleeps) >= 2  # a backoff before each retry (and polls if a poll was slow)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -321,3 +338,4 @@ def test_response_contradicting_the_config_is_a_model_error(
         client.infer_table(table)
     assert info.value.model == "liar"
     assert tensor in info.value.reason
+    assert liar_server.grpc_url in info.value.reason  # which server answered so

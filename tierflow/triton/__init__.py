@@ -2,14 +2,16 @@
 
 * :mod:`~tierflow.triton.repository` reads ``triton_models/`` (specs, digests) offline.
 * :mod:`~tierflow.triton.server` runs the ``tritonserver`` bundled in ``nvidia-pytriton``.
-* :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC; the one
-  place ``tritonclient`` errors become tierflow errors.
+* :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC, on one
+  server or balanced over several with failover; the one place ``tritonclient`` errors
+  become tierflow errors.
 """
 
 from __future__ import annotations
 
 from tierflow.triton.client import (
     STATUS_ERRORS,
+    EndpointStats,
     RetryPolicy,
     TritonStageClient,
     map_triton_errors,
@@ -25,6 +27,7 @@ from tierflow.triton.server import TritonServer, serve, wait_until_ready
 
 __all__ = [
     "STATUS_ERRORS",
+    "EndpointStats",
     "ModelSpec",
     "RetryPolicy",
     "TensorSpec",

@@ -2,10 +2,18 @@
 
 :class:`TritonStageClient` is what a Triton stage's Ray actor holds. It cuts a table into
 requests of at most ``min(batch_size, max_batch_size)`` rows (Triton never splits an
-oversized request), keeps ``max_inflight`` of them in flight with ``async_infer``, retries
-transient failures with jittered exponential backoff, validates every response against the
-model's config as the *server* reports it, and returns the table with the output columns
-appended, rows in their original order.
+oversized request), keeps ``max_inflight`` of them in flight with ``async_infer``, validates
+every response against the model's config as the *server* reports it, and returns the table
+with the output columns appended, rows in their original order.
+
+Transient failures (:class:`RetryPolicy`): given several URLs, requests are balanced over
+them (least in flight) and an endpoint that fails is taken out of rotation for an
+exponential cool-down while its requests are resent to the others at once. When no endpoint
+is left (one server restarting, say), the client backs off and polls ``is_model_ready``,
+and resends the moment a model is ready again; a server that stays down or frozen fails
+the call after ``ready_timeout_s``, and a request that keeps failing after
+``max_attempts`` sends. :meth:`TritonStageClient.endpoint_stats` shows each endpoint's
+health and counters.
 
 Every ``tritonclient``/gRPC failure is translated in one place, :func:`map_triton_errors`,
 into :class:`~tierflow.errors.TritonUnavailable` (retryable: the server or network is in
@@ -15,7 +23,7 @@ wrong). :data:`STATUS_ERRORS` lists the decision for every gRPC status code.
 Usage::
 
     client = TritonStageClient(
-        "127.0.0.1:8001", "mlp_classifier",
+        "127.0.0.1:8001", "mlp_classifier",                  # or ["host-a:8001", "host-b:8001"]
         inputs={"features": "FEATURES"},                     # column -> input tensor
         outputs={"PROBS": "probs", "LABEL": "label"},        # output tensor -> column
         batch_size=64, max_inflight=4,
@@ -38,6 +46,7 @@ flattened row (value type from the tensor's dtype), BYTES a ``binary`` column.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import queue
@@ -45,10 +54,10 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -62,6 +71,7 @@ from tierflow.triton.repository import ModelSpec, TensorSpec, spec_from_config
 
 __all__ = [
     "STATUS_ERRORS",
+    "EndpointStats",
     "RetryPolicy",
     "TritonStageClient",
     "map_triton_errors",
@@ -140,25 +150,42 @@ def map_triton_errors(url: str, model: str) -> Iterator[None]:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Jittered exponential backoff for :class:`~tierflow.errors.TritonUnavailable`.
+    """What a :class:`TritonStageClient` does about :class:`~tierflow.errors.TritonUnavailable`.
 
-    Retry ``k`` (1-based) waits ``min(max_delay_s, base_delay_s * 2**(k-1))``, shortened by
-    up to ``jitter`` of itself at random so that many clients do not retry in lock-step.
+    * **Failover.** The endpoint that failed is taken out of rotation for a cool-down,
+      ``min(max_cooldown_s, cooldown_s * 2**(k-1))`` after its ``k``-th failure in a row,
+      and the request goes to another endpoint at once, without a pause.
+    * **Backoff and readiness.** When every endpoint is out, the request waits
+      ``min(max_delay_s, base_delay_s * 2**(k-1))`` before retry ``k`` (1-based), shortened
+      by up to ``jitter`` of itself at random so that many clients do not retry in
+      lock-step, then polls the endpoints' ``is_model_ready`` and resends as soon as one
+      says ready; a restarted server is used the moment its model is loaded. The wait
+      ends in failure after ``ready_timeout_s``.
+    * **Bound.** A request is sent at most ``max_attempts`` times in all, failovers included.
 
     >>> [RetryPolicy(5, 0.1, 0.5, jitter=0.0).delay_s(k) for k in range(1, 5)]
     [0.1, 0.2, 0.4, 0.5]
+    >>> [RetryPolicy(cooldown_s=1.0, max_cooldown_s=30.0).cooldown_for(k) for k in (1, 2, 6)]
+    [1.0, 2.0, 30.0]
 
     Attributes:
-        max_attempts: Tries per request, the first included (1 = never retry).
-        base_delay_s: Delay before the first retry.
-        max_delay_s: Cap on any single delay.
-        jitter: Fraction of each delay drawn at random, in ``[0, 1]``.
+        max_attempts: Sends per request, the first included (1 = never retry).
+        base_delay_s: Backoff before the first retry when no endpoint is in rotation.
+        max_delay_s: Cap on any single backoff.
+        jitter: Fraction of each backoff drawn at random, in ``[0, 1]``.
+        ready_timeout_s: Longest wait, per retry, for some endpoint to report the model ready
+            while every endpoint is out of rotation; 0 = do not poll, resend after the backoff.
+        cooldown_s: Time out of rotation after an endpoint's first failure.
+        max_cooldown_s: Cap on the cool-down.
     """
 
     max_attempts: int = 5
     base_delay_s: float = 0.05
     max_delay_s: float = 2.0
     jitter: float = 0.5
+    ready_timeout_s: float = 60.0
+    cooldown_s: float = 1.0
+    max_cooldown_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -170,11 +197,22 @@ class RetryPolicy:
             )
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.ready_timeout_s < 0:
+            raise ValueError(f"ready_timeout_s must be >= 0, got {self.ready_timeout_s}")
+        if self.cooldown_s < 0 or self.max_cooldown_s < self.cooldown_s:
+            raise ValueError(
+                "need 0 <= cooldown_s <= max_cooldown_s, "
+                f"got {self.cooldown_s}, {self.max_cooldown_s}"
+            )
 
     def delay_s(self, retry: int, u: float = 0.0) -> float:
         """Seconds to wait before retry number ``retry`` (1-based), given ``u`` in [0, 1)."""
         capped = min(self.max_delay_s, self.base_delay_s * 2.0 ** (retry - 1))
         return capped * (1.0 - self.jitter * u)
+
+    def cooldown_for(self, strikes: int) -> float:
+        """Seconds out of rotation after an endpoint's ``strikes``-th failure in a row."""
+        return min(self.max_cooldown_s, self.cooldown_s * 2.0 ** (strikes - 1))
 
 
 # --------------------------------------------------------------------------- conversions
@@ -276,41 +314,292 @@ def tensor_to_column(array: np.ndarray, spec: TensorSpec) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, width)
 
 
-# --------------------------------------------------------------------------- the client
+# --------------------------------------------------------------------------- endpoints
+
+_log = logging.getLogger(__name__)
+
+#: Readiness polls while every endpoint is out follow the backoff schedule, capped here so
+#: that a server that comes back is noticed within this long.
+_MAX_PROBE_INTERVAL_S = 0.5
+#: Deadline of one readiness poll (an answer takes a round trip; a hung server takes this).
+_PROBE_TIMEOUT_S = 2.0
 
 
 def _default_factory(url: str) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(url)
 
 
-class TritonStageClient:
-    """Infer whole Arrow tables against one Triton model over gRPC.
+EndpointState = Literal["healthy", "trial", "out"]
 
-    The gRPC client is built lazily, in the process that first uses it, and is never
-    pickled (``__getstate__`` drops it): ship the object to a Ray actor and it connects
-    there. The model's config is fetched from the server once (``get_model_config``).
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """One endpoint of a :class:`TritonStageClient`, as :meth:`~TritonStageClient.endpoint_stats`
+    reports it. Counters start when the client is built (or unpickled) in this process.
+
+    Attributes:
+        url: The endpoint's gRPC address.
+        state: ``"healthy"`` (in rotation), ``"out"`` (cooling down after a failure) or
+            ``"trial"`` (back from a cool-down or a readiness poll: one request at a time
+            until one succeeds).
+        in_flight: Calls sent to it and not yet answered.
+        sent: Calls sent to it (inference requests and the config fetch; each retry counts).
+        succeeded: Calls it answered (an answer that is a model error counts too).
+        failed: Calls that failed with a retryable error.
+        removals: Times it was taken out of rotation.
+        last_error: The reason of its last retryable failure, ``""`` if none.
+    """
+
+    url: str
+    state: EndpointState
+    in_flight: int
+    sent: int
+    succeeded: int
+    failed: int
+    removals: int
+    last_error: str
+
+
+class _Endpoint:
+    """One URL: its lazily built gRPC client and its health. Guarded by the pool's lock."""
+
+    __slots__ = (
+        "client",
+        "down_until",
+        "epoch",
+        "failed",
+        "in_flight",
+        "last_error",
+        "pid",
+        "removals",
+        "sent",
+        "strikes",
+        "succeeded",
+        "trial_busy",
+        "url",
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client: Any = None
+        self.pid: int | None = None
+        self.in_flight = 0
+        self.strikes = 0  # failures in a row; > 0 means out or on trial
+        self.down_until = 0.0  # out of rotation until then (clock time)
+        self.epoch = 0  # bumped when taken out: failures of calls sent before are the same outage
+        self.trial_busy = False  # on trial, and its one call is in flight
+        self.sent = self.succeeded = self.failed = self.removals = 0
+        self.last_error = ""
+
+
+class _EndpointPool:
+    """Where the next call goes, and which endpoints are out of rotation. Thread-safe.
+
+    An endpoint is *healthy* (takes any number of calls), *out* (skipped until its
+    cool-down ends) or on *trial* (cool-down over, or a readiness poll said ready: one call
+    at a time, and its success makes the endpoint healthy again, its failure sends it out
+    for twice as long). Picking is least-in-flight among the available endpoints, ties
+    broken round robin, so a slow endpoint gets fewer calls.
+
+    A failure takes an endpoint out once per outage: every call records the endpoint's
+    epoch when sent, and only a failure of a call sent in the current epoch counts a strike
+    (the calls that were in flight when the server died fail too, but they are the same
+    event).
+    """
+
+    def __init__(
+        self,
+        urls: tuple[str, ...],
+        factory: Callable[[str], Any],
+        policy: RetryPolicy,
+        clock: Callable[[], float],
+    ) -> None:
+        self.endpoints = [_Endpoint(url) for url in urls]
+        self._factory = factory
+        self._policy = policy
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # round-robin start
+
+    def _available(self, ep: _Endpoint, now: float) -> bool:
+        if ep.strikes == 0:
+            return True
+        return now >= ep.down_until and not ep.trial_busy
+
+    def _settle(self, ep: _Endpoint, epoch: int) -> None:
+        # Calls still in flight from before the endpoint went out (old epoch) do not hold up
+        # its trial: they may be hung on a dead connection until their deadline.
+        ep.in_flight -= 1
+        if epoch == ep.epoch:
+            ep.trial_busy = False
+
+    def client(self, ep: _Endpoint) -> Any:
+        """``ep``'s gRPC client, built on first use in this process."""
+        with self._cond:
+            # A client inherited across fork() hangs or fails (server#7690): rebuild it.
+            if ep.client is None or ep.pid != os.getpid():
+                ep.client = self._factory(ep.url)
+                ep.pid = os.getpid()
+            return ep.client
+
+    def acquire(self) -> tuple[_Endpoint, int] | None:
+        """Pick an endpoint for one call and count it in flight; ``None`` if none can take it.
+
+        Returns:
+            The endpoint and its epoch (hand both back to :meth:`succeeded`,
+            :meth:`failed` or :meth:`dropped`).
+        """
+        with self._cond:
+            now = self._clock()
+            n = len(self.endpoints)
+            best: int | None = None
+            for k in range(n):
+                j = (self._next + k) % n
+                ep = self.endpoints[j]
+                if self._available(ep, now) and (
+                    best is None or ep.in_flight < self.endpoints[best].in_flight
+                ):
+                    best = j
+            if best is None:
+                return None
+            self._next = (best + 1) % n
+            ep = self.endpoints[best]
+            ep.in_flight += 1
+            ep.sent += 1
+            ep.trial_busy = ep.strikes > 0
+            return ep, ep.epoch
+
+    def succeeded(self, ep: _Endpoint, epoch: int) -> None:
+        """The call answered: a call sent in the current epoch makes the endpoint healthy."""
+        with self._cond:
+            self._settle(ep, epoch)
+            ep.succeeded += 1
+            if epoch == ep.epoch and ep.strikes:
+                ep.strikes = 0
+                _log.info("Triton endpoint %s is back in rotation", ep.url)
+            self._cond.notify_all()
+
+    def failed(self, ep: _Endpoint, epoch: int, reason: str) -> None:
+        """The call failed retryably: take the endpoint out unless this outage already did."""
+        with self._cond:
+            self._settle(ep, epoch)
+            ep.failed += 1
+            ep.last_error = reason
+            if epoch == ep.epoch:
+                ep.strikes += 1
+                ep.epoch += 1
+                ep.removals += 1
+                cooldown = self._policy.cooldown_for(ep.strikes)
+                ep.down_until = self._clock() + cooldown
+                _log.warning(
+                    "Triton endpoint %s out of rotation for %.3gs (failure %d in a row): %s",
+                    ep.url,
+                    cooldown,
+                    ep.strikes,
+                    reason,
+                )
+            self._cond.notify_all()
+
+    def dropped(self, ep: _Endpoint, epoch: int) -> None:
+        """The call was abandoned (cancelled while raising): neither success nor failure."""
+        with self._cond:
+            self._settle(ep, epoch)
+            self._cond.notify_all()
+
+    def readmit(self, ep: _Endpoint) -> None:
+        """A readiness poll said ready: end the cool-down (the endpoint goes on trial)."""
+        with self._cond:
+            ep.down_until = min(ep.down_until, self._clock())
+            self._cond.notify_all()
+
+    def all_out(self) -> bool:
+        """Whether every endpoint is cooling down (a trial endpoint that is busy is not out)."""
+        with self._cond:
+            now = self._clock()
+            return all(ep.strikes and now < ep.down_until for ep in self.endpoints)
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until some call ends or an endpoint is readmitted, at most ``timeout_s``."""
+        with self._cond:
+            now = self._clock()
+            if not any(self._available(ep, now) for ep in self.endpoints):
+                self._cond.wait(timeout_s)
+
+    def by_cooldown_end(self) -> list[_Endpoint]:
+        """Every endpoint, the one whose cool-down ends first first."""
+        with self._cond:
+            return sorted(self.endpoints, key=lambda ep: ep.down_until)
+
+    def stats(self) -> tuple[EndpointStats, ...]:
+        with self._cond:
+            now = self._clock()
+            return tuple(
+                EndpointStats(
+                    url=ep.url,
+                    state="healthy"
+                    if ep.strikes == 0
+                    else ("out" if now < ep.down_until else "trial"),
+                    in_flight=ep.in_flight,
+                    sent=ep.sent,
+                    succeeded=ep.succeeded,
+                    failed=ep.failed,
+                    removals=ep.removals,
+                    last_error=ep.last_error,
+                )
+                for ep in self.endpoints
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            clients = [(ep.client, ep.pid) for ep in self.endpoints]
+            for ep in self.endpoints:
+                ep.client = None
+        for client, pid in clients:
+            if client is not None and pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    client.close()
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class TritonStageClient:
+    """Infer whole Arrow tables against one Triton model over gRPC, on one or more servers.
+
+    With several URLs each request goes to the endpoint with the fewest calls in flight
+    (ties round robin). An endpoint whose call fails retryably is taken out of rotation for
+    a cool-down and the request is resent elsewhere at once; when every endpoint is out,
+    the client backs off and polls ``is_model_ready`` until one is back (see
+    :class:`RetryPolicy`). Every endpoint must serve the same model: the config is fetched
+    once, from whichever answers first.
+
+    The gRPC clients, one per endpoint, are built lazily in the process that first uses
+    them and are never pickled (``__getstate__`` drops them with the endpoints' health and
+    counters): ship the object to a Ray actor and it connects there.
 
     ``infer_table`` may be called from several threads at once; each call keeps its own
-    ``max_inflight`` window over the shared channel.
+    ``max_inflight`` window, and the endpoints' health and in-flight counts are shared.
 
     Args:
-        url: gRPC address ``host:port``.
+        url: gRPC address ``host:port``, or a sequence of them serving the same model.
         model: Model name.
         inputs: Input column -> input tensor, e.g. ``{"features": "FEATURES"}``.
         outputs: Output tensor -> output column, e.g. ``{"PROBS": "probs"}``; columns are
             appended in this order.
         batch_size: Rows per request (capped at the model's ``max_batch_size``).
-        max_inflight: Requests in flight at once.
+        max_inflight: Requests in flight at once, per ``infer_table`` call, over all endpoints.
         timeout_s: End-to-end deadline of one request (``client_timeout``).
-        retry: Backoff for retryable failures (:class:`TritonUnavailable`).
-        sleep: Called with each backoff delay; inject to test without sleeping.
+        retry: Failover, backoff and readiness waits for retryable failures.
+        sleep: Called with each backoff and poll delay; inject to test without sleeping.
         client_factory: ``url -> tritonclient.grpc.InferenceServerClient``-like object
             (a seam for tests; must be picklable, e.g. a module-level function).
+        clock: Monotonic seconds for cool-downs and readiness deadlines (a seam for tests,
+            to go with ``sleep``).
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         model: str,
         inputs: Mapping[str, str],
         outputs: Mapping[str, str],
@@ -321,7 +610,13 @@ class TritonStageClient:
         sleep: Callable[[float], None] = time.sleep,
         *,
         client_factory: Callable[[str], Any] = _default_factory,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        urls = (url,) if isinstance(url, str) else tuple(url)
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError(f"url must be a non-empty 'host:port' or a list of them, got {url!r}")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"url lists an endpoint twice: {list(urls)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_inflight < 1:
@@ -332,7 +627,9 @@ class TritonStageClient:
             raise ValueError("inputs and outputs must each map at least one tensor")
         if len(set(outputs.values())) != len(outputs):
             raise ValueError(f"two output tensors map to the same column: {dict(outputs)}")
-        self.url = url
+        self.urls = urls
+        #: The endpoints as errors name them: the URL, or the URLs joined by ", ".
+        self.url = ", ".join(urls)
         self.model = model
         self.inputs = dict(inputs)
         self.outputs = dict(outputs)
@@ -342,18 +639,18 @@ class TritonStageClient:
         self.retry = retry
         self.sleep = sleep
         self.client_factory = client_factory
+        self.clock = clock
         self._spec: ModelSpec | None = None
         self._init_transient()
 
     def _init_transient(self) -> None:
-        self._client: Any = None
-        self._pid: int | None = None
-        self._lock = threading.Lock()
+        self._pool = _EndpointPool(self.urls, self.client_factory, self.retry, self.clock)
+        self._spec_lock = threading.Lock()
         self._rng = random.Random()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_client", "_pid", "_lock", "_rng"):
+        for key in ("_pool", "_spec_lock", "_rng"):
             state.pop(key, None)
         return state
 
@@ -362,48 +659,41 @@ class TritonStageClient:
         self._init_transient()
 
     def __repr__(self) -> str:
+        url = self.urls[0] if len(self.urls) == 1 else list(self.urls)
         return (
-            f"TritonStageClient({self.url!r}, {self.model!r}, "
+            f"TritonStageClient({url!r}, {self.model!r}, "
             f"batch_size={self.batch_size}, max_inflight={self.max_inflight})"
         )
 
-    # -- connection and model config
+    def endpoint_stats(self) -> tuple[EndpointStats, ...]:
+        """Health and counters of each endpoint, in ``urls`` order. Thread-safe."""
+        return self._pool.stats()
+
+    # -- model config
 
     @property
     def spec(self) -> ModelSpec:
         """The model's spec as the server reports it (fetched on first use).
 
         Raises:
-            TritonUnavailable: The server could not be reached after every retry.
+            TritonUnavailable: No endpoint could be reached after every retry.
             ModelError: Unknown model, or the column/tensor mappings do not fit it.
         """
-        self._connect()
-        assert self._spec is not None
-        return self._spec
-
-    def _connect(self) -> Any:
-        with self._lock:
-            # A client inherited across fork() hangs or fails (server#7690): rebuild it.
-            if self._client is None or self._pid != os.getpid():
-                self._client = self.client_factory(self.url)
-                self._pid = os.getpid()
-            client = self._client
+        with self._spec_lock:
             if self._spec is None:
-                response = self._call_with_retry(
-                    lambda: client.get_model_config(self.model, client_timeout=self.timeout_s)
+                response = self._call(
+                    lambda client: client.get_model_config(
+                        self.model, client_timeout=self.timeout_s
+                    )
                 )
                 spec = spec_from_config(response.config)
                 self._check_mapping(spec)
                 self._spec = spec
-            return client
+            return self._spec
 
     def close(self) -> None:
-        """Close the gRPC channel (a later call reconnects). Idempotent."""
-        with self._lock:
-            client, self._client = self._client, None
-            if client is not None and self._pid == os.getpid():
-                with contextlib.suppress(Exception):
-                    client.close()
+        """Close every gRPC channel (a later call reconnects). Idempotent."""
+        self._pool.close()
 
     def _check_mapping(self, spec: ModelSpec) -> None:
         for tensor in self.inputs.values():
@@ -429,19 +719,89 @@ class TritonStageClient:
                 "max_batch_size is 0 (no batch dimension); table inference needs a batching model",
             )
 
-    def _call_with_retry(self, fn: Callable[[], Any]) -> Any:
-        attempt = 1
+    # -- retries
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run one unary call ``fn(grpc_client)`` on some endpoint, failing over and retrying."""
+        attempt, reason = 0, ""
         while True:
+            got = self._pool.acquire()
+            if got is None:
+                self._wait_for_endpoint(max(attempt, 1), reason)
+                continue
+            ep, epoch = got
+            attempt += 1
             try:
-                with map_triton_errors(self.url, self.model):
-                    return fn()
+                with map_triton_errors(ep.url, self.model):
+                    result = fn(self._pool.client(ep))
             except TritonUnavailable as exc:
+                self._pool.failed(ep, epoch, exc.reason)
                 if attempt >= self.retry.max_attempts:
-                    raise TritonUnavailable(
-                        self.url, f"{exc.reason} (gave up after {attempt} attempt(s))"
-                    ) from exc
-                self.sleep(self.retry.delay_s(attempt, self._rng.random()))
-                attempt += 1
+                    raise self._gave_up(ep.url, exc, attempt) from exc
+                reason = exc.reason
+                continue
+            except BaseException:
+                self._pool.succeeded(ep, epoch)  # it answered; the answer is the problem
+                raise
+            self._pool.succeeded(ep, epoch)
+            return result
+
+    def _gave_up(self, url: str, exc: TritonUnavailable, attempts: int) -> TritonUnavailable:
+        where = f" (last from {url})" if len(self.urls) > 1 else ""
+        return TritonUnavailable(
+            self.url, f"{exc.reason}{where} (gave up after {attempts} attempt(s))"
+        )
+
+    def _wait_for_endpoint(self, retry: int, reason: str) -> None:
+        """Return once some endpoint can take a call; back off and poll readiness if needed.
+
+        Endpoints that are merely busy (on trial with their one call in flight elsewhere)
+        are waited for without a backoff. When every endpoint is out of rotation: sleep the
+        backoff for retry ``retry``, then poll each endpoint's ``is_model_ready`` (the one
+        whose cool-down ends first first) at growing intervals up to
+        ``_MAX_PROBE_INTERVAL_S``, and readmit the first that says ready.
+
+        Raises:
+            TritonUnavailable: No endpoint was ready within ``retry.ready_timeout_s``.
+        """
+        if not self._pool.all_out():
+            self._pool.wait(timeout_s=0.1)
+            return
+        start = self.clock()
+        self.sleep(self.retry.delay_s(retry, self._rng.random()))
+        if self.retry.ready_timeout_s == 0:  # no polling: resend blindly after the backoff
+            for ep in self._pool.by_cooldown_end():
+                self._pool.readmit(ep)
+            return
+        deadline = start + self.retry.ready_timeout_s
+        poll, last = 0, "not ready"
+        while True:
+            for ep in self._pool.by_cooldown_end():
+                remaining = deadline - self.clock()
+                try:
+                    with map_triton_errors(ep.url, self.model):
+                        client = self._pool.client(ep)
+                        ready = client.is_model_ready(
+                            self.model, client_timeout=max(min(_PROBE_TIMEOUT_S, remaining), 0.01)
+                        )
+                except InferenceError as exc:
+                    ready = False
+                    last = f"{ep.url}: {exc.reason}" if len(self.urls) > 1 else exc.reason
+                if ready:
+                    _log.info("Triton endpoint %s reports %s ready", ep.url, self.model)
+                    self._pool.readmit(ep)
+                    return
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                some = "any endpoint" if len(self.urls) > 1 else "the endpoint"
+                raise TritonUnavailable(
+                    self.url,
+                    f"{reason or 'every endpoint out of rotation'}; model {self.model!r} not ready "
+                    f"on {some} within {self.retry.ready_timeout_s:g}s (last poll: {last})",
+                )
+            poll += 1
+            interval = min(_MAX_PROBE_INTERVAL_S, self.retry.delay_s(poll, self._rng.random()))
+            self.sleep(min(interval, remaining))
 
     # -- inference
 
@@ -450,17 +810,17 @@ class TritonStageClient:
 
         Returns:
             ``table`` with one column per entry of ``outputs`` appended, in mapping order,
-            rows in the original order.
+            rows in the original order; each row's outputs come from exactly one answered
+            request, whatever was retried or failed over.
 
         Raises:
-            TritonUnavailable: A request still failed transiently after ``retry.max_attempts``.
+            TritonUnavailable: A request still failed transiently after ``retry.max_attempts``
+                sends, or no endpoint became ready within ``retry.ready_timeout_s``.
             ModelError: Bad input column, a non-retryable server error, or a response whose
                 tensor is missing or has the wrong dtype or shape. Nothing is returned then.
             ValueError: An input column is absent, or an output column already exists.
         """
-        client = self._connect()
-        spec = self._spec
-        assert spec is not None
+        spec = self.spec
         for column in self.inputs:
             if column not in table.column_names:
                 raise ValueError(
@@ -481,7 +841,7 @@ class TritonStageClient:
             for column, tensor in self.inputs.items()
         }
         parts: dict[str, list[np.ndarray]] = {t: [None] * len(bounds) for t in self.outputs}  # type: ignore[list-item]
-        self._run_requests(client, spec, arrays, bounds, parts)
+        self._run_requests(spec, arrays, bounds, parts)
 
         for tensor, column in self.outputs.items():
             out_spec = spec.outputs[tensor]
@@ -509,7 +869,6 @@ class TritonStageClient:
 
     def _run_requests(
         self,
-        client: Any,
         spec: ModelSpec,
         arrays: dict[str, np.ndarray],
         bounds: list[tuple[int, int]],
@@ -517,63 +876,83 @@ class TritonStageClient:
     ) -> None:
         """Keep up to ``max_inflight`` requests in flight until every one has a result.
 
-        Retries run on this thread: a retryable failure pauses submission for the backoff
-        delay. One pause covers every request that was already in flight when it began
-        (an UNAVAILABLE is about the server, not the request), so a burst of failures from
-        one outage backs off once, not once per request.
+        Each request goes to the endpoint the pool picks. A retryable failure takes that
+        endpoint out of rotation (once per outage, however many of its calls fail) and puts
+        the request back at the head of the queue, so it is resent at once to another
+        endpoint. Only when this call has nothing in flight and nothing can be sent does it
+        wait (:meth:`_wait_for_endpoint`): one backoff and readiness wait per outage, not
+        one per request.
         """
         requested = [grpcclient.InferRequestedOutput(t) for t in self.outputs]
         done: queue.SimpleQueue[tuple[int, Any, Any]] = queue.SimpleQueue()
         pending: deque[int] = deque(range(len(bounds)))
         attempts = [0] * len(bounds)
-        submitted_epoch = [0] * len(bounds)
-        epoch = 0  # bumped by each backoff pause
-        calls: dict[int, Any] = {}
+        calls: dict[int, tuple[Any, _Endpoint, int]] = {}  # request -> (call, endpoint, epoch)
         remaining = len(bounds)
+        last_reason = ""
         try:
             while remaining:
                 while pending and len(calls) < self.max_inflight:
+                    got = self._pool.acquire()
+                    if got is None:
+                        break
+                    ep, epoch = got
                     i = pending.popleft()
                     lo, hi = bounds[i]
-                    infer_inputs = self._make_inputs(spec, arrays, lo, hi)
                     attempts[i] += 1
-                    submitted_epoch[i] = epoch
-                    with map_triton_errors(self.url, self.model):
-                        calls[i] = client.async_infer(
-                            self.model,
-                            infer_inputs,
-                            callback=lambda result, error, i=i: done.put((i, result, error)),
-                            outputs=requested,
-                            client_timeout=self.timeout_s,
-                        )
+                    try:
+                        infer_inputs = self._make_inputs(spec, arrays, lo, hi)
+                        with map_triton_errors(ep.url, self.model):
+                            call = self._pool.client(ep).async_infer(
+                                self.model,
+                                infer_inputs,
+                                callback=lambda result, error, i=i: done.put((i, result, error)),
+                                outputs=requested,
+                                client_timeout=self.timeout_s,
+                            )
+                    except TritonUnavailable as exc:  # refused before it left
+                        calls[i] = (None, ep, epoch)
+                        done.put((i, None, exc))
+                        continue
+                    except BaseException:
+                        self._pool.dropped(ep, epoch)
+                        raise
+                    calls[i] = (call, ep, epoch)
+                if not calls:
+                    self._wait_for_endpoint(max(attempts[pending[0]], 1), last_reason)
+                    continue
                 try:
                     # The per-call deadline guarantees a callback; this only guards a lost one.
                     i, result, error = done.get(timeout=self.timeout_s + 30.0)
                 except queue.Empty:
+                    where = ", ".join(sorted({ep.url for _, ep, _ in calls.values()}))
                     raise TritonUnavailable(
-                        self.url, f"no callback within {self.timeout_s + 30.0:g}s"
+                        where, f"no callback within {self.timeout_s + 30.0:g}s"
                     ) from None
-                calls.pop(i, None)
+                _, ep, epoch = calls.pop(i)
                 if error is None:
-                    self._collect(result, spec, bounds[i], i, parts)
+                    self._pool.succeeded(ep, epoch)
+                    self._collect(result, spec, bounds[i], i, parts, ep.url)
                     remaining -= 1
                     continue
                 try:
-                    with map_triton_errors(self.url, self.model):
+                    with map_triton_errors(ep.url, self.model):
                         raise error
                 except TritonUnavailable as exc:
+                    self._pool.failed(ep, epoch, exc.reason)
                     if attempts[i] >= self.retry.max_attempts:
-                        raise TritonUnavailable(
-                            self.url, f"{exc.reason} (gave up after {attempts[i]} attempt(s))"
-                        ) from exc
-                    if submitted_epoch[i] == epoch:
-                        self.sleep(self.retry.delay_s(attempts[i], self._rng.random()))
-                        epoch += 1
+                        raise self._gave_up(ep.url, exc, attempts[i]) from exc
+                    last_reason = exc.reason
                     pending.appendleft(i)
+                except BaseException:
+                    self._pool.succeeded(ep, epoch)  # it answered; the answer is the problem
+                    raise
         finally:
-            for call in calls.values():  # only non-empty when raising
-                with contextlib.suppress(Exception):
-                    call.cancel()
+            for call, ep, epoch in calls.values():  # only non-empty when raising
+                self._pool.dropped(ep, epoch)
+                if call is not None:
+                    with contextlib.suppress(Exception):
+                        call.cancel()
 
     def _collect(
         self,
@@ -582,18 +961,19 @@ class TritonStageClient:
         bound: tuple[int, int],
         i: int,
         parts: dict[str, list[np.ndarray]],
+        url: str,
     ) -> None:
         rows = bound[1] - bound[0]
         for tensor in self.outputs:
             out_spec = spec.outputs[tensor]
             meta = result.get_output(tensor)
+            where = f"output tensor {tensor!r} from {url}"
             if meta is None:
-                raise ModelError(self.model, f"response has no output tensor {tensor!r}")
+                raise ModelError(self.model, f"response from {url} has no output tensor {tensor!r}")
             if meta.datatype != out_spec.dtype:
                 raise ModelError(
                     self.model,
-                    f"output tensor {tensor!r} has dtype {meta.datatype}, "
-                    f"config declares {out_spec.dtype}",
+                    f"{where} has dtype {meta.datatype}, config declares {out_spec.dtype}",
                 )
             shape = tuple(int(d) for d in meta.shape)
             expected = (rows, *out_spec.dims)
@@ -601,17 +981,12 @@ class TritonStageClient:
                 e >= 0 and s != e for s, e in zip(shape, expected, strict=True)
             ):
                 raise ModelError(
-                    self.model,
-                    f"output tensor {tensor!r} has shape {list(shape)}, expected {list(expected)}",
+                    self.model, f"{where} has shape {list(shape)}, expected {list(expected)}"
                 )
             try:
                 array = result.as_numpy(tensor)
             except ValueError as exc:  # raw content does not fill the declared shape
-                raise ModelError(
-                    self.model, f"output tensor {tensor!r} is malformed: {exc}"
-                ) from exc
+                raise ModelError(self.model, f"{where} is malformed: {exc}") from exc
             if array is None or array.shape != shape:
-                raise ModelError(
-                    self.model, f"output tensor {tensor!r} carries no data for shape {list(shape)}"
-                )
+                raise ModelError(self.model, f"{where} carries no data for shape {list(shape)}")
             parts[tensor][i] = array
