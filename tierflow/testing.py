@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -46,6 +47,8 @@ class InlineBackend:
         self._done.append(d)
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
+        if not self._done:
+            time.sleep(timeout_s)
         done, self._done = self._done, []
         return [(d, self._outcome(d)) for d in done]
 

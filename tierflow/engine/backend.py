@@ -274,6 +274,8 @@ class RayBackend:
                 pool.shrink()
         done, self._synthetic = self._synthetic, []
         if not self._pending and not self._discard:
+            if not done:
+                time.sleep(timeout_s)  # nothing runs (retries waiting out their backoff)
             return done
         refs = [*self._pending, *self._discard]
         ready, _ = ray.wait(refs, num_returns=1, timeout=0 if done else timeout_s)

@@ -8,6 +8,8 @@ finishes (no fixed sleep between dispatches); its timeout only paces progress re
 
 from __future__ import annotations
 
+import heapq
+import random
 import statistics
 import time
 from collections import defaultdict, deque
@@ -30,6 +32,8 @@ DELETE_BATCH = 64
 SPECULATE_MIN_SAMPLES = 8  # finished blocks of a stage before its median means anything
 SPECULATE_MIN_S = 1.0  # never speculate on blocks that take less than this x the factor
 DURABLE_BUDGET_S = 300.0  # how long the end of a run waits for an unreachable durable store
+RETRY_BASE_S = 1.0  # backoff before the 2nd attempt; doubles per attempt, jittered
+RETRY_MAX_S = 15.0
 BLACKLIST_FAILURES = 3
 BLACKLIST_WINDOW_S = 120.0
 
@@ -70,6 +74,7 @@ class Executor:
         init=False, default_factory=lambda: defaultdict(lambda: deque(maxlen=256))
     )
     _watched_at: float = field(init=False, default=0.0)
+    _delayed: list[tuple[float, int, int, Dispatch, tuple[str, ...]]] = field(init=False, default_factory=list)
     _started: float = field(init=False, default=0.0)
     _failures: dict[tuple[int, str], deque[float]] = field(init=False, default_factory=lambda: defaultdict(deque))
     nodes_lost: list[dict[str, Any]] = field(init=False, default_factory=list)
@@ -104,7 +109,7 @@ class Executor:
             )
             self._submit(state.start())
             while not state.finished:
-                for d, outcome in backend.wait(timeout_s=0.5):
+                for d, outcome in backend.wait(timeout_s=min(0.5, self._start_due())):
                     event = self._event(d, outcome)
                     if event is not None:
                         self._submit(state.handle(event))
@@ -162,9 +167,24 @@ class Executor:
                 continue
             view.started = view.started or now
             view.executions += 1
-            view.retries += a.attempt > 1
-            self._running[(a.step, a.block)] = [now, a, inputs]
-            self.backend.submit(a, inputs)
+            if a.attempt > 1:  # a retry waits a little: outages (Triton, a store) need time
+                view.retries += 1
+                delay = min(RETRY_BASE_S * 2 ** (a.attempt - 2), RETRY_MAX_S) * (0.5 + random.random() / 2)
+                heapq.heappush(self._delayed, (now + delay, a.step, a.block, a, inputs))
+                continue
+            self._start(a, inputs, now)
+
+    def _start(self, a: Dispatch, inputs: tuple[str, ...], now: float) -> None:
+        self._running[(a.step, a.block)] = [now, a, inputs]
+        self.backend.submit(a, inputs)
+
+    def _start_due(self) -> float:
+        """Start the retries whose backoff is over; returns seconds until the next one."""
+        now = time.monotonic()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, _, a, inputs = heapq.heappop(self._delayed)
+            self._start(a, inputs, now)
+        return self._delayed[0][0] - now if self._delayed else 0.5
 
     def _watch_running(self) -> None:
         """Cancel attempts past their stage's ``block_timeout_s``; start a second copy of
