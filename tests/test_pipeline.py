@@ -170,3 +170,15 @@ def test_intermediate_blocks_are_deleted_unless_checkpointed(tmp_path: Path) -> 
     stages = sorted({k.split("/")[2] for k in keys})
     assert stages == ["last", "ok"]  # 'explode' was consumed and dropped; checkpoints kept
     assert len(keys) == 12
+
+
+def test_several_triton_urls_one_of_them_down(tmp_path: Path, triton_server) -> None:  # type: ignore[no-untyped-def]
+    ex = make_example(tmp_path / "ex", rows=1000)
+    doc = yaml.safe_load((ex / "reviews.yaml").read_text())
+    doc["source"]["block_rows"] = 250
+    doc["triton"] = {"url": ["127.0.0.1:9", triton_server.grpc_url], "repository": str(ROOT / "triton_models")}
+    (ex / "reviews.yaml").write_text(yaml.safe_dump(doc))
+    res = tierflow("run", "--quiet", str(ex / "reviews.yaml"))
+    assert res.returncode == 0, res.stderr
+    got = ds.dataset(ex / "out" / "reviews", format="parquet", exclude_invalid_files=True).to_table().sort_by("id")
+    assert_same_rows(got, reference(ex))

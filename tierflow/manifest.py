@@ -145,7 +145,9 @@ class RayConfig(_Model):
 
 
 class TritonConfig(_Model):
-    url: str | None = Field(None, description="gRPC host:port of a running Triton server")
+    url: str | tuple[str, ...] | None = Field(
+        None, description="gRPC host:port of a running Triton server, or several (balanced, with failover)"
+    )
     launch: bool = Field(False, description="start the bundled server for the run")
     repository: str = Field("triton_models", description="model repository (relative to manifest)")
     startup_timeout_s: float = Field(180.0, gt=0)

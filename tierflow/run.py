@@ -24,6 +24,7 @@ from tierflow.engine.executor import Executor
 from tierflow.engine.journal import Journal, journal_dir
 from tierflow.engine.resume import resume_points, sink_fingerprint
 from tierflow.io.sink import Sink
+from tierflow.errors import ModelError, TritonUnavailable
 from tierflow.manifest import CacheConfig, Manifest, TritonStage, load_manifest
 from tierflow.plan import Plan, make_plan
 from tierflow.triton.repository import model_digest
@@ -104,9 +105,11 @@ def _cpus_needed(manifest: Manifest) -> int:
 
 
 @contextlib.contextmanager
-def triton_endpoint(manifest: Manifest) -> Iterator[str | None]:
-    """The gRPC URL Triton stages use: a launched bundled server, or the configured one
-    after every model it needs is ready (fails naming the URL or the model)."""
+def triton_endpoint(manifest: Manifest) -> Iterator[str | tuple[str, ...] | None]:
+    """The gRPC URL(s) Triton stages use: a launched bundled server, or the configured
+    ones once every model they need is ready on at least one (fails naming the URL or the
+    model). Servers not ready yet stay in the list: the client brings them into rotation
+    when they answer."""
     models = sorted({s.model for s in manifest.stages if isinstance(s, TritonStage)})
     if not models:
         yield None
@@ -118,7 +121,21 @@ def triton_endpoint(manifest: Manifest) -> Iterator[str | None]:
             yield server.grpc_url
         return
     assert cfg.url is not None
-    wait_until_ready(cfg.url, models, timeout_s=min(cfg.startup_timeout_s, 30.0))
+    urls = (cfg.url,) if isinstance(cfg.url, str) else cfg.url
+    budget = min(cfg.startup_timeout_s, 30.0)
+    # A quick look at each first: one ready server is enough to start.
+    for timeout_s in ((2.0,) if len(urls) > 1 else ()) + (budget / len(urls),):
+        errors: list[Exception] = []
+        for url in urls:
+            try:
+                wait_until_ready(url, models, timeout_s=timeout_s)
+                break
+            except (TritonUnavailable, ModelError) as exc:
+                errors.append(exc)
+        if len(errors) < len(urls):
+            break
+    else:
+        raise errors[0]
     yield cfg.url
 
 

@@ -37,7 +37,7 @@ class InlineBackend:
         self.dead_letters: list[tuple[int, int, str]] = []
         self._done: list[Dispatch] = []
 
-    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
+    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         self._plan = plan
         self._n = len(plan.stages)
         return stage_limits(plan)

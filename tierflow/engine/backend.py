@@ -46,7 +46,7 @@ NODE_ID_LABEL = "ray.io/node-id"
 class Backend(Protocol):
     """Runs steps of one plan. Not thread-safe; used by the driver loop only."""
 
-    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
+    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         """Get ready to run (actors started, shared objects published). Returns, per step
         (stages then sink), how many dispatches it can run at once."""
         ...
@@ -180,7 +180,7 @@ class RayBackend:
         self._lost: list[str] = []
         self._nodes_at = 0.0
 
-    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | None) -> list[int]:
+    def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         self._plan, self._sink, self._settings = plan, sink, settings
         self._durable = [durable_output(settings, s.config.checkpoint) for s in plan.stages]
         self._servers_at = time.monotonic()

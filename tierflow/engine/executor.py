@@ -46,7 +46,7 @@ class Executor:
         plan: what to run.
         sink: where the final blocks go.
         settings: the cache every step reads from and writes to.
-        triton_url: gRPC address for Triton stages (None when the pipeline has none).
+        triton_url: gRPC address(es) for Triton stages (None when the pipeline has none).
         progress_out: where the live table goes (None = no progress output).
         journal: where commits are recorded (None: no journal, no resume).
         start_step: per block, the first step to run (from ``resume_points``).
@@ -56,7 +56,7 @@ class Executor:
     plan: Plan
     sink: Sink
     settings: CacheSettings
-    triton_url: str | None = None
+    triton_url: str | tuple[str, ...] | None = None
     window: int | None = None
     max_attempts: int = 3
     progress_out: Any = None

@@ -48,7 +48,7 @@ class Outcome:
     node: str = ""  # the Ray node it ran on ("" when unknown: the worker died)
 
 
-def make_transform(stage: Stage, triton_url: str | None) -> Transform:
+def make_transform(stage: Stage, triton_url: str | tuple[str, ...] | None) -> Transform:
     """Build the per-process callable for a stage (imports code, creates the instance)."""
     if isinstance(stage, TritonStage):
         from tierflow.triton.client import TritonStageClient
@@ -249,7 +249,7 @@ class StageActor:
     """A stateful or model stage: the transform (class instance, Triton client) is built
     once per actor and reused for every block sent to it."""
 
-    def __init__(self, stage: Stage, triton_url: str | None, settings: CacheSettings) -> None:
+    def __init__(self, stage: Stage, triton_url: str | tuple[str, ...] | None, settings: CacheSettings) -> None:
         self._stage = stage
         self._settings = settings
         self._transform = make_transform(stage, triton_url)
