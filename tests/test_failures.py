@@ -125,7 +125,7 @@ def test_on_error_skip_writes_dead_letters_and_counts_them(tmp_path: Path) -> No
 
 def test_block_timeout_cancels_a_hung_attempt_and_retries_it(tmp_path: Path) -> None:
     manifest = pipeline(tmp_path, [
-        {"name": "hang", "kind": "python", "fn": "trouble:once", "block_timeout_s": 8,
+        {"name": "hang", "kind": "python", "fn": "trouble:once", "block_timeout_s": 8, "speculate_after": None,
          "params": {"marker": str(tmp_path / "m"), "block": 2, "action": "sleep", "seconds": 120}},
     ])
     started = time.monotonic()

@@ -38,6 +38,16 @@ BLACKLIST_FAILURES = 3
 BLACKLIST_WINDOW_S = 120.0
 
 
+@dataclass(slots=True)
+class _Running:
+    """A dispatch in flight: when it started, and how many copies of it run."""
+
+    started: float
+    dispatch: Dispatch
+    inputs: tuple[str, ...]
+    copies: int = 1
+
+
 @dataclass
 class Executor:
     """Runs one plan to completion on a backend (the connected Ray cluster by default).
@@ -68,8 +78,7 @@ class Executor:
     _garbage: list[str] = field(init=False, default_factory=list)
     # where the copies of blocks waiting for the next step are (handed to that step)
     _locations: dict[tuple[int, int], tuple[str, ...]] = field(init=False, default_factory=dict)
-    # (step, block) -> [started, Dispatch, input locations(, speculative copy started)]
-    _running: dict[tuple[int, int], list[Any]] = field(init=False, default_factory=dict)
+    _running: dict[tuple[int, int], _Running] = field(init=False, default_factory=dict)
     _durations: dict[int, deque[float]] = field(
         init=False, default_factory=lambda: defaultdict(lambda: deque(maxlen=256))
     )
@@ -175,7 +184,7 @@ class Executor:
             self._start(a, inputs, now)
 
     def _start(self, a: Dispatch, inputs: tuple[str, ...], now: float) -> None:
-        self._running[(a.step, a.block)] = [now, a, inputs]
+        self._running[(a.step, a.block)] = _Running(now, a, inputs)
         self.backend.submit(a, inputs)
 
     def _start_due(self) -> float:
@@ -194,27 +203,26 @@ class Executor:
             return
         self._watched_at = now
         n = len(self.plan.stages)
-        for (step, block), entry in list(self._running.items()):
+        for (step, _), run in list(self._running.items()):
             if step == n:
                 continue
             cfg = self.plan.stages[step].config
-            elapsed = now - entry[0]
-            d: Dispatch = entry[1]
+            elapsed = now - run.started
             if cfg.block_timeout_s is not None and elapsed > cfg.block_timeout_s:
-                entry[0] = float("inf")  # cancelled: its failure comes back through wait()
+                run.started = float("inf")  # cancelled: its failure comes back through wait()
                 self.views[step].timeouts += 1
-                self.backend.cancel(d, f"timed out after {cfg.block_timeout_s} s (block_timeout_s)")
+                self.backend.cancel(run.dispatch, f"timed out after {cfg.block_timeout_s} s (block_timeout_s)")
                 continue
             durations = self._durations[step]
             if (
-                cfg.speculate_after is not None and len(entry) == 3 and len(durations) >= SPECULATE_MIN_SAMPLES
+                cfg.speculate_after is not None and run.copies == 1 and len(durations) >= SPECULATE_MIN_SAMPLES
                 and elapsed > cfg.speculate_after * max(statistics.median(durations), SPECULATE_MIN_S)
                 and self.backend.can_add(step)
             ):
-                entry.append(now)  # a fourth item marks the block as speculated
+                run.copies = 2
                 self.views[step].speculated += 1
                 self.views[step].executions += 1
-                self.backend.submit(d, entry[2])
+                self.backend.submit(run.dispatch, run.inputs)
 
     def _make_durable(self) -> None:
         """Write the durable copies that an outage of the durable store left missing, with
@@ -262,15 +270,14 @@ class Executor:
         view = self.views[d.step]
         view.busy_s += outcome.seconds
         key = (d.step, d.block)
-        entry = self._running.get(key)
-        if entry is None:
+        run = self._running.get(key)
+        if run is None:
             return None  # a copy the driver stopped caring about (cancelled, or lost a race)
-        speculated = len(entry) == 4
-        if not outcome.ok and speculated:
-            entry.pop()  # one copy failed; the other one decides
+        if not outcome.ok and run.copies > 1:
+            run.copies -= 1  # one copy failed; the other one decides
             return None
         del self._running[key]
-        if speculated:
+        if run.copies > 1:
             self.backend.cancel(d, None)  # first finisher wins; writes are idempotent by key
         if not outcome.ok:
             if outcome.node:
