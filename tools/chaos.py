@@ -272,10 +272,17 @@ class LocalCluster:
     def shutdown(self) -> None:
         import ray
 
-        ray.shutdown()
-        if self.cluster is not None:
-            self.cluster.shutdown()
-            self.cluster = None
+        try:
+            ray.shutdown()
+        finally:
+            if self.cluster is not None:
+                cluster, self.cluster = self.cluster, None
+                try:
+                    cluster.shutdown()
+                except ValueError:  # still counted as connected: stop every node by hand
+                    for node in [*cluster.worker_nodes, cluster.head_node]:
+                        if node is not None:
+                            node.kill_all_processes(check_alive=False, allow_graceful=False)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

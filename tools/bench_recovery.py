@@ -1,0 +1,629 @@
+"""Recovery from a lost node: tierflow vs Ray Data on the same 20-stage pipeline, same run.
+
+Command behind ``docs/recovery-benchmark.md``::
+
+    /tmp/venv/bin/python tools/bench_recovery.py --json /tmp/bench-recovery.json
+
+The pipeline (stage code in this file, importable as ``bench_recovery``)::
+
+    parquet (id, h float32[16])
+      s01..s04  task   per row: ``--work`` rounds of h = tanh(W h + b) (one NumPy matvec per row and round)
+      s05       actor  the same, W held by the actor
+      s06..s09  task
+      s10       Triton mlp_classifier (FEATURES <- h; PROBS, LABEL), 256-row requests, 4 in flight
+      s11       task   mixes PROBS into h, then the same work
+      s12..s14  task
+      s15       actor
+      s16..s19  task
+      s20       actor  ``--last-factor`` x the work (the slow last stage, like a GPU bottleneck)
+    -> parquet (id, label, s01..s20 row sums)
+
+Every stage appends one float32 column (the row sum of its h), so the outputs of the two
+systems are compared cell for cell at the end.
+
+On a ``ray.cluster_utils.Cluster`` (head with 0 CPUs for the drivers, ``--nodes`` worker
+nodes of ``--cpus-per-node`` logical CPUs, node death noticed within ~1 s) and one
+bundled Triton server used by both systems, in this order (``--rounds`` > 1 flips the
+order of the systems every round):
+
+1. warm-up: each system runs a 4-block input once (worker processes, imports, Triton
+   channels), unmeasured;
+2. fault-free: tierflow, then Ray Data;
+3. with the fault: tierflow, then Ray Data. When the stage functions have finished
+   ``--at`` (default 60 %) of all stage x block executions of that run, the worker node
+   with the most worker processes active in stage calls (in one now, or finished one in
+   the last 2 s) is removed (``Cluster.remove_node``: every process of that node dies,
+   with its object store and its LMDB) and a fresh node is added in its place.
+
+tierflow: ``tierflow.run.run_pipeline`` with ``replicas: 2`` (each intermediate block on
+two nodes), a ``file://`` durable store (the sink), the same Triton server by URL. Task
+stages ``concurrency: 2, num_cpus: 1``; actor stages and the Triton stage one actor of
+0.5 CPU; speculative copies of stragglers off (``speculate_after: null``; ``--speculate``
+turns them on): Ray Data has no speculation, and on a loaded machine they fire in
+fault-free runs and would be counted as repeated work. Ray Data: ``read_parquet -> map_batches x 20 -> write_parquet``; task stages
+``num_cpus=1`` (Ray Data fuses them into the next actor stage), actor stages
+``ActorPoolStrategy(size=1)`` with 0.5 CPU, the model stage a callable class holding a
+``tritonclient`` gRPC client with the same request size and requests in flight;
+``batch_size`` = tierflow's ``block_rows``.
+
+Measured per run: wall time of the whole call (planning, actor start-up and the write
+included, for both); ``time ratio`` = fault run / the same system's fault-free run.
+Executions are counted by the stage functions themselves (one ``start`` and one ``end``
+line per call, with the block's first row id), identically for both systems:
+``upstream re-executions`` = calls of a (stage, block) that started after the same
+(stage, block) had already finished once -- work that was complete and was done again
+(Ray's lineage reconstruction, or a tierflow block whose every copy was lost). Calls cut
+short by the node's death and run again are counted apart (``in-flight retries``).
+tierflow's own report is shown next to it (``reexecutions``: committed blocks recomputed).
+Both outputs are checked: every id exactly once, the same values in both systems.
+
+``--json PATH`` writes ``tierflow_time_ratio``, ``tierflow_upstream_reexecutions``,
+``raydata_time_ratio``, ``raydata_upstream_reexecutions`` and every run's details.
+
+This is a script, not a test: it is never collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+N_STAGES = 20
+ACTOR_STAGES = (5, 15, 20)
+TRITON_STAGE = 10
+
+# --------------------------------------------------------------------------- stage code
+# Row-independent and deterministic: the output does not depend on how rows are grouped
+# or how often a call ran. Both systems call exactly these functions.
+
+
+def _log(log: str | None, stage: str, table: pa.Table, event: str) -> None:
+    if log:
+        first = table["id"][0].as_py() if table.num_rows else -1
+        with open(log, "a") as fh:  # one short O_APPEND write: lines never interleave
+            fh.write(f"{stage} {first} {event} {os.getpid()} {time.time():.3f}\n")
+
+
+def _weights(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((16, 16)) / 4.0).astype(np.float32), (rng.standard_normal(16) / 8.0).astype(np.float32)
+
+
+def _h(table: pa.Table) -> np.ndarray:
+    col = table["h"].combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), 16)
+
+
+def work(table: pa.Table, *, stage: str, seed: int, rounds: int, log: str | None = None,
+         mix_probs: bool = False) -> pa.Table:
+    """Per row: ``rounds`` x (h = tanh(W h + b)); replaces ``h``, appends ``<stage>`` = row sum."""
+    _log(log, stage, table, "start")
+    w, b = _weights(seed)
+    h = _h(table).copy()
+    if mix_probs:
+        probs = table["probs"].combine_chunks()
+        h[:, :4] += probs.flatten().to_numpy().reshape(len(probs), -1)
+    out = np.empty_like(h)
+    for i in range(len(h)):
+        v = h[i]
+        for _ in range(rounds):
+            v = np.tanh(w @ v + b)
+        out[i] = v
+    table = table.set_column(table.schema.get_field_index("h"), "h",
+                             pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), 16))
+    table = table.append_column(stage, pa.array(out.sum(axis=1, dtype=np.float32)))
+    if stage == f"s{N_STAGES:02d}":
+        table = table.drop_columns([c for c in ("h", "probs") if c in table.column_names])
+    _log(log, stage, table, "end")
+    return table
+
+
+class WorkActor:
+    """A stateful stage: the same work, the weights made once per actor."""
+
+    def __init__(self, *, stage: str, seed: int, rounds: int, log: str | None = None) -> None:
+        self.kw = {"stage": stage, "seed": seed, "rounds": rounds, "log": log}
+        _weights(seed)  # "loads the model"
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return work(table, **self.kw)
+
+
+class TritonUDF:
+    """Ray Data's model stage: a callable class holding a tritonclient gRPC client, the
+    batch cut into ``batch_size``-row requests with ``max_inflight`` in flight."""
+
+    def __init__(self, *, url: str, model: str, batch_size: int, max_inflight: int, stage: str,
+                 log: str | None = None) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.g = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.model, self.stage, self.log = model, stage, log
+        cfg = self.client.get_model_config(model).config
+        self.batch_size = min(batch_size, cfg.max_batch_size)
+        self.max_inflight = max_inflight
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        _log(self.log, self.stage, table, "start")
+        g = self.g
+        feats = np.ascontiguousarray(_h(table))
+        n = len(feats)
+        bounds = [(lo, min(lo + self.batch_size, n)) for lo in range(0, n, self.batch_size)]
+        results: list[Any] = [None] * len(bounds)
+        errors: list[Any] = []
+        sem = threading.Semaphore(self.max_inflight)
+        requested = [g.InferRequestedOutput("PROBS"), g.InferRequestedOutput("LABEL")]
+
+        def done(i: int, result: Any, error: Any) -> None:
+            if error is not None:
+                errors.append(error)
+            results[i] = result
+            sem.release()
+
+        for i, (lo, hi) in enumerate(bounds):
+            sem.acquire()
+            if errors:
+                raise RuntimeError(errors[0])
+            inp = g.InferInput("FEATURES", [hi - lo, 16], "FP32")
+            inp.set_data_from_numpy(feats[lo:hi])
+            self.client.async_infer(self.model, [inp], outputs=requested,
+                                    callback=lambda result, error, i=i: done(i, result, error))
+        for _ in range(self.max_inflight):
+            sem.acquire()
+        if errors:
+            raise RuntimeError(errors[0])
+        probs = np.concatenate([r.as_numpy("PROBS") for r in results])
+        label = np.concatenate([r.as_numpy("LABEL") for r in results]).reshape(-1)
+        out = (table.append_column("probs", pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 4))
+               .append_column("label", pa.array(label)))
+        _log(self.log, self.stage, table, "end")
+        return out
+
+
+# --------------------------------------------------------------------------- data and stages
+
+
+def stage_name(i: int) -> str:
+    return f"s{i:02d}"
+
+
+def stage_rounds(i: int, args: argparse.Namespace) -> int:
+    return args.work * (args.last_factor if i == N_STAGES else 1)
+
+
+def write_data(out: Path, rows: int, block_rows: int, seed: int = 11) -> None:
+    """One parquet file per ``block_rows`` rows (so Ray Data reads the same blocks)."""
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for f, lo in enumerate(range(0, rows, block_rows)):
+        hi = min(rows, lo + block_rows)
+        h = rng.standard_normal((hi - lo, 16)).astype(np.float32)
+        pq.write_table(pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                                 "h": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), 16)}),
+                       out / f"part-{f:05d}.parquet")
+
+
+def manifest_doc(name: str, data: Path, out: Path, cache: Path, durable: Path, url: str, log: str,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    stages: list[dict[str, Any]] = []
+    for i in range(1, N_STAGES + 1):
+        name_i = stage_name(i)
+        if i == TRITON_STAGE:
+            stages.append({"name": name_i, "kind": "triton", "model": "mlp_classifier",
+                           "inputs": {"h": "FEATURES"}, "outputs": {"PROBS": "probs", "LABEL": "label"},
+                           "batch_size": args.triton_batch, "max_inflight": args.max_inflight,
+                           "concurrency": 1, "num_cpus": 0.5})
+            continue
+        params = {"stage": name_i, "seed": i, "rounds": stage_rounds(i, args), "log": log}
+        if i in ACTOR_STAGES:
+            stages.append({"name": name_i, "kind": "python", "cls": "bench_recovery:WorkActor", "params": params,
+                           "concurrency": 1, "num_cpus": 0.5})
+        else:
+            if i == TRITON_STAGE + 1:
+                params["mix_probs"] = True
+            stages.append({"name": name_i, "kind": "python", "fn": "bench_recovery:work", "params": params,
+                           "concurrency": args.task_concurrency, "num_cpus": 1})
+    doc: dict[str, Any] = {
+        "name": name,
+        "source": {"format": "parquet", "path": str(data), "block_rows": args.block_rows},
+        "stages": stages,
+        "sink": {"path": str(out), "mode": "overwrite"},
+        "triton": {"url": url, "repository": str(ROOT / "triton_models")},
+        "cache": {"dir": str(cache) + "-{node}", "remote_url": f"file://{durable}", "replicas": args.replicas},
+    }
+    if not args.speculate:
+        for st in doc["stages"]:
+            st["speculate_after"] = None
+    return doc
+
+
+# --------------------------------------------------------------------------- the two systems
+
+
+def run_tierflow(manifest: Path) -> dict[str, Any]:
+    from tierflow.cache.node_server import stop_cache_servers
+    from tierflow.run import run_pipeline
+
+    t0 = time.monotonic()
+    try:
+        report = run_pipeline(manifest, fresh=True, progress_out=None)
+        error = None
+    except BaseException as exc:  # noqa: BLE001 - reported
+        report, error = None, exc
+    wall = time.monotonic() - t0
+    stop_cache_servers()  # the next run gets its own servers (and cache directory)
+    out: dict[str, Any] = {"wall_s": wall, "error": repr(error) if error else None}
+    if report:
+        out["report"] = {s["name"]: {k: s.get(k) for k in ("executions", "retries", "reexecutions", "speculated")}
+                         for s in report["stages"]}
+    return out
+
+
+def run_raydata(data: Path, out: Path, url: str, log: str, args: argparse.Namespace) -> dict[str, Any]:
+    import ray.data
+
+    import bench_recovery as stages  # by module name, so workers import it (not __main__)
+
+    if out.exists():
+        shutil.rmtree(out)
+    B = args.block_rows
+    one_actor = ray.data.ActorPoolStrategy(size=1)
+    t0 = time.monotonic()
+    error = None
+    try:
+        ds = ray.data.read_parquet(str(data), override_num_blocks=-(-args.rows // B))
+        for i in range(1, N_STAGES + 1):
+            name = stage_name(i)
+            if i == TRITON_STAGE:
+                ds = ds.map_batches(stages.TritonUDF, batch_format="pyarrow", batch_size=B, compute=one_actor,
+                                    num_cpus=0.5,
+                                    fn_constructor_kwargs={"url": url, "model": "mlp_classifier",
+                                                           "batch_size": args.triton_batch,
+                                                           "max_inflight": args.max_inflight, "stage": name,
+                                                           "log": log})
+            elif i in ACTOR_STAGES:
+                ds = ds.map_batches(stages.WorkActor, batch_format="pyarrow", batch_size=B, compute=one_actor,
+                                    num_cpus=0.5,
+                                    fn_constructor_kwargs={"stage": name, "seed": i, "rounds": stage_rounds(i, args),
+                                                           "log": log})
+            else:
+                kw: dict[str, Any] = {"stage": name, "seed": i, "rounds": stage_rounds(i, args), "log": log}
+                if i == TRITON_STAGE + 1:
+                    kw["mix_probs"] = True
+                ds = ds.map_batches(stages.work, batch_format="pyarrow", batch_size=B, num_cpus=1, fn_kwargs=kw)
+        ds.write_parquet(str(out))
+    except BaseException as exc:  # noqa: BLE001 - reported
+        error = exc
+    return {"wall_s": time.monotonic() - t0, "error": repr(error) if error else None}
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def read_log(log: Path) -> list[tuple[str, int, str, int, float]]:
+    if not log.exists():
+        return []
+    rows = []
+    for line in log.read_text().splitlines():
+        p = line.split()
+        if len(p) == 5:
+            rows.append((p[0], int(p[1]), p[2], int(p[3]), float(p[4])))
+    return rows
+
+
+def count_executions(rows: list[tuple[str, int, str, int, float]]) -> dict[str, dict[str, int]]:
+    """Per stage: calls, distinct blocks, calls started after that (stage, block) had
+    already finished once (``reran_after_done``), and other repeated calls (``retried``:
+    a call cut short, run again)."""
+    out: dict[str, dict[str, int]] = {}
+    ended: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int]] = set()
+    for stage, first, event, _, _ in rows:
+        c = out.setdefault(stage, {"calls": 0, "blocks": 0, "reran_after_done": 0, "retried": 0})
+        key = (stage, first)
+        if event == "start":
+            c["calls"] += 1
+            if key in ended:
+                c["reran_after_done"] += 1
+            elif key in seen:
+                c["retried"] += 1
+            else:
+                c["blocks"] += 1
+            seen.add(key)
+        elif event == "end":
+            ended.add(key)
+    return dict(sorted(out.items()))
+
+
+def ends(log: Path) -> int:
+    """Finished (stage, block) calls so far: the run's progress."""
+    try:
+        with open(log) as fh:
+            return sum(1 for line in fh if " end " in line)
+    except FileNotFoundError:
+        return 0
+
+
+def active_pids(log: Path, window_s: float = 2.0) -> set[int]:
+    """Pids that are in a stage call now or logged one in the last ``window_s`` seconds."""
+    last: dict[int, tuple[str, float]] = {}
+    for _, _, event, pid, ts in read_log(log):
+        last[pid] = (event, ts)
+    now = time.time()
+    return {pid for pid, (ev, ts) in last.items() if ev == "start" or now - ts <= window_s}
+
+
+def node_of_pids(cluster: Any, pids: set[int]) -> dict[Any, int]:
+    import psutil
+
+    counts: dict[Any, int] = {}
+    for node in cluster.workers:
+        for raylet in node.all_processes.get("raylet", []):
+            try:
+                kids = {p.pid for p in psutil.Process(raylet.process.pid).children(recursive=True)}
+            except psutil.Error:
+                continue
+            counts[node] = counts.get(node, 0) + len(kids & pids)
+    return counts
+
+
+def check_output(out: Path, rows: int) -> tuple[dict[str, Any], pa.Table | None]:
+    import pyarrow.dataset as pads
+
+    try:
+        t = pads.dataset(str(out), format="parquet").to_table()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return {"ok": False, "error": str(exc)}, None
+    ids = t["id"].to_numpy()
+    uniq, counts = np.unique(ids, return_counts=True)
+    want = np.arange(rows)
+    res = {"rows": int(len(ids)), "lost": int(len(np.setdiff1d(want, uniq))), "duplicated": int((counts - 1).sum()),
+           "unexpected": int(len(np.setdiff1d(uniq, want)))}
+    res["ok"] = res["lost"] == res["duplicated"] == res["unexpected"] == 0
+    return res, t.sort_by("id")
+
+
+def same_values(a: pa.Table | None, b: pa.Table | None) -> bool:
+    if a is None or b is None:
+        return False
+    cols = sorted(set(a.column_names) & set(b.column_names))
+    if len(cols) != len(a.column_names) or len(cols) != len(b.column_names):
+        return False
+    return all(a[c].combine_chunks().equals(b[c].combine_chunks().cast(a[c].type)) for c in cols)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url: str, cluster: Any,
+            args: argparse.Namespace, rows: int) -> dict[str, Any]:
+    """One run of ``system``; with ``fault``, replace the busiest node at ``args.at`` progress."""
+    import yaml
+
+    log = work_dir / f"log-{system}-{tag}.txt"
+    log.unlink(missing_ok=True)
+    out = work_dir / f"out-{system}-{tag}"
+    total = N_STAGES * -(-rows // args.block_rows)
+    if system == "tierflow":
+        doc = manifest_doc(f"rec-{tag}", data, out, work_dir / f"cache-{tag}", work_dir / f"durable-{tag}", url,
+                           str(log), args)
+        manifest = work_dir / f"rec-{tag}.yaml"
+        manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+        target: Any = lambda: run_tierflow(manifest)  # noqa: E731
+    else:
+        target = lambda: run_raydata(data, out, url, str(log), args)  # noqa: E731
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(target()), name=f"{system}-{tag}")
+    t0 = time.monotonic()
+    runner.start()
+    fault_info: dict[str, Any] | None = None
+    if fault:
+        # the fault must be injected from the main thread (remove_node installs signal handlers)
+        while runner.is_alive():
+            done = ends(log)
+            if done >= args.at * total:
+                pids = active_pids(log)
+                counts = node_of_pids(cluster, pids)
+                victim = max(cluster.workers, key=lambda n: counts.get(n, 0))
+                fault_info = {"t_s": round(time.monotonic() - t0, 2), "progress": round(done / total, 3),
+                              "active_on_victim": counts.get(victim, 0), "active_total": len(pids)}
+                fault_info.update(cluster.replace_node(victim))
+                break
+            time.sleep(0.05)
+    runner.join()
+    wall = result.get("wall_s", time.monotonic() - t0)
+    counts = count_executions(read_log(log))
+    check, table = check_output(out, rows)
+    res = {"system": system, "tag": tag, "fault": fault_info, "wall_s": round(wall, 2), "error": result.get("error"),
+           "output": check, "executions": counts,
+           "upstream_reexecutions": sum(c["reran_after_done"] for c in counts.values()),
+           "inflight_retries": sum(c["retried"] for c in counts.values())}
+    if "report" in result:
+        res["report"] = result["report"]
+        # tierflow's Triton stage runs the engine's own client, which logs nothing: its
+        # recomputed committed blocks come from the engine's report instead
+        triton = result["report"].get(stage_name(TRITON_STAGE), {})
+        res["upstream_reexecutions"] += int(triton.get("reexecutions") or 0)
+    res["_table"] = table
+    return res
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import ray
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
+            "pyarrow": pa.__version__, "numpy": np.__version__, "platform": platform.platform(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def engine_version() -> dict[str, Any]:
+    import subprocess
+
+    import tierflow
+
+    where = Path(tierflow.__file__).resolve().parent
+    info: dict[str, Any] = {"tierflow": str(where)}
+    try:
+        info["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "tierflow"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        if where == (ROOT / "tierflow").resolve():
+            info["engine_source"] = "the working tree" + (" (with uncommitted engine changes)" if dirty else "")
+        else:  # e.g. `git archive <commit> tierflow | tar -x -C DIR` put first on PYTHONPATH
+            stamp = where.parent / "ENGINE_COMMIT"
+            info["engine_source"] = f"a copy at {where}"
+            if stamp.exists():
+                info["engine_commit"] = stamp.read_text().strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the figures and every run here")
+    ap.add_argument("--rows", type=int, default=30_000)
+    ap.add_argument("--block-rows", type=int, default=1_000)
+    ap.add_argument("--work", type=int, default=2, help="rounds of the per-row layer in every stage")
+    ap.add_argument("--last-factor", type=int, default=8, help="the last stage does this many times the work")
+    ap.add_argument("--at", type=float, default=0.6, help="progress at which the node is removed")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--cpus-per-node", type=int, default=2)
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--task-concurrency", type=int, default=2)
+    ap.add_argument("--triton-batch", type=int, default=256)
+    ap.add_argument("--max-inflight", type=int, default=4)
+    ap.add_argument("--speculate", action="store_true",
+                    help="leave tierflow's speculative copies of stragglers on (off by default: Ray Data has none, "
+                         "and their extra calls would be counted as repeated work)")
+    ap.add_argument("--rounds", type=int, default=1, help="fault-free + fault runs of each system per round")
+    ap.add_argument("--systems", default="tierflow,raydata")
+    ap.add_argument("--dir", help="scratch directory (default: a temp dir, removed at the end)")
+    args = ap.parse_args()
+    systems = [s for s in args.systems.split(",") if s]
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    sys.path.insert(0, str(TOOLS))
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+    import chaos
+
+    work_dir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data, warm = work_dir / "data", work_dir / "warmup"
+    write_data(data, args.rows, args.block_rows)
+    write_data(warm, 4 * args.block_rows, args.block_rows, seed=12)
+    report: dict[str, Any] = {"argv": sys.argv[1:], "rows": args.rows, "block_rows": args.block_rows,
+                              "blocks": -(-args.rows // args.block_rows), "stages": N_STAGES, "work": args.work,
+                              "last_factor": args.last_factor, "at": args.at, "nodes": args.nodes,
+                              "cpus_per_node": args.cpus_per_node, "replicas": args.replicas,
+                              "speculate": args.speculate}
+    t_all = time.monotonic()
+    triton = chaos.RestartableTriton(ROOT / "triton_models", ["mlp_classifier"]).start()
+    cluster = chaos.LocalCluster(args.nodes, args.cpus_per_node, [str(TOOLS)])
+    runs: list[dict[str, Any]] = []
+    tables: dict[str, pa.Table | None] = {}
+    try:
+        t = time.monotonic()
+        cluster.start()
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        report["cluster_startup_s"] = round(time.monotonic() - t, 2)
+        report["machine"] = machine()
+        report["engine"] = engine_version()
+        print(f"cluster: head (0 CPUs) + {args.nodes} nodes x {args.cpus_per_node} CPUs in "
+              f"{report['cluster_startup_s']} s; {report['blocks']} blocks x {N_STAGES} stages; load "
+              f"{report['machine']['loadavg_at_start']}", flush=True)
+        t = time.monotonic()
+        for system in systems:
+            r = one_run(system, "warmup", False, work_dir, warm, triton.url, cluster, args, 4 * args.block_rows)
+            print(f"  warm-up {system}: {r['wall_s']} s{' ERROR ' + r['error'] if r['error'] else ''}", flush=True)
+        report["warmup_s"] = round(time.monotonic() - t, 1)
+        for rnd in range(args.rounds):
+            order = systems if rnd % 2 == 0 else systems[::-1]
+            for fault in (False, True):
+                for system in order:
+                    tag = f"{'fault' if fault else 'clean'}{rnd}"
+                    r = one_run(system, tag, fault, work_dir, data, triton.url, cluster, args, args.rows)
+                    tables.setdefault(system, r["_table"])
+                    r.pop("_table")
+                    r["round"] = rnd
+                    runs.append(r)
+                    f = r["fault"]
+                    print(f"  round {rnd} {system:8s} {'fault' if fault else 'clean'}: {r['wall_s']:7.1f} s  "
+                          f"rows ok {r['output'].get('ok')}  upstream re-executions {r['upstream_reexecutions']}  "
+                          f"in-flight retries {r['inflight_retries']}"
+                          + (f"  [node removed at {f['progress']:.0%} / {f['t_s']} s, {f['active_on_victim']} of "
+                             f"{f['active_total']} active stage workers on it]" if f else "")
+                          + (f"  ERROR {r['error']}" if r["error"] else ""), flush=True)
+    finally:
+        cluster.shutdown()
+        triton.stop()
+    report["total_s"] = round(time.monotonic() - t_all, 1)
+    report["runs"] = runs
+    report["outputs_identical"] = same_values(tables.get("tierflow"), tables.get("raydata")) \
+        if len(systems) == 2 else None
+    for system in systems:
+        clean = [r["wall_s"] for r in runs if r["system"] == system and r["fault"] is None]
+        faulty = [r for r in runs if r["system"] == system and r["fault"] is not None]
+        if not clean or not faulty:
+            continue
+        ratios = [f["wall_s"] / c for f, c in zip(faulty, clean)]
+        report[f"{system}_time_ratio"] = round(statistics.median(ratios), 3)
+        report[f"{system}_upstream_reexecutions"] = int(statistics.median([r["upstream_reexecutions"] for r in faulty]))
+        report[f"{system}_inflight_retries"] = int(statistics.median([r["inflight_retries"] for r in faulty]))
+        report[f"{system}_all_ok"] = all(r["output"].get("ok") and not r["error"]
+                                         for r in runs if r["system"] == system)
+    print(f"\nrecovery from one lost node at {args.at:.0%} ({report['blocks']} blocks x {N_STAGES} stages, "
+          f"{args.nodes} nodes; {report['total_s']} s in all)")
+    print(f"  {'system':9s} {'fault-free':>10s} {'with fault':>10s} {'ratio':>6s} {'upstream re-exec':>17s} "
+          f"{'in-flight retries':>18s}  rows ok")
+    for system in systems:
+        if f"{system}_time_ratio" not in report:
+            continue
+        clean = [r for r in runs if r["system"] == system and r["fault"] is None]
+        faulty = [r for r in runs if r["system"] == system and r["fault"] is not None]
+        print(f"  {system:9s} {statistics.median([r['wall_s'] for r in clean]):9.1f}s "
+              f"{statistics.median([r['wall_s'] for r in faulty]):9.1f}s {report[f'{system}_time_ratio']:6.2f} "
+              f"{report[f'{system}_upstream_reexecutions']:>17d} {report[f'{system}_inflight_retries']:>18d}  "
+              f"{report[f'{system}_all_ok']}")
+    if report.get("outputs_identical") is not None:
+        print(f"  outputs of the two systems identical: {report['outputs_identical']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if not args.dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
