@@ -527,6 +527,12 @@ def phases(execs: list[dict[str, Any]], start_wall: float, seconds: float) -> di
     return {"startup_s": round(first, 2), "stages_s": round(last - first, 2), "tail_s": round(seconds - last, 2)}
 
 
+def duplicates(execs: list[dict[str, Any]]) -> int:
+    """Executions of a (stage, rows) that the same run had already finished (speculative or
+    retried copies)."""
+    return len(execs) - len({(e["stage"], tuple(e["runs"])) for e in execs})
+
+
 def cpu_s(execs: list[dict[str, Any]]) -> float:
     """CPU seconds spent inside the stage functions (thread CPU time, not wall time)."""
     return round(sum(e["cpu"] for e in execs), 2)
@@ -613,6 +619,7 @@ def _killed_common(d: Path, log: dict[str, Any], start1: float, to_kill: float, 
         "seconds": round(to_kill + resumed, 2), "to_kill_s": round(to_kill, 2), "resumed_s": round(resumed, 2),
         "killed_phases": phases(before, start1, to_kill), "resumed_phases": phases(after, start2, resumed),
         "executions_cut_by_kill": len(log["cut"]), "stray_executions": log["stray"],
+        "duplicate_executions": duplicates(before) + duplicates(after),
         "stage_cpu_s_before_kill": cpu_s(before), "stage_cpu_s_resumed": cpu_s(after),
         **repeated(before, after),
     }
@@ -624,7 +631,7 @@ def tierflow_full(d: Path, data: Path, a: argparse.Namespace) -> dict[str, Any]:
     execs = read_log(d)
     rep = json.loads((d / ".tierflow" / PIPELINE / "report.json").read_text())
     return {"seconds": round(secs, 2), "executor_s": rep["elapsed_s"], "stage_cpu_s": cpu_s(execs),
-            **phases(execs, start, secs)}
+            "duplicate_executions": duplicates(execs), **phases(execs, start, secs)}
 
 
 def tierflow_killed(d: Path, data: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -663,7 +670,8 @@ def raydata_full(d: Path, data: Path, a: argparse.Namespace) -> dict[str, Any]:
     write_raydata(d, data, a)
     start, secs = run_to_end(raydata_cmd(d), d, "run", a.engine)
     execs = read_log(d)
-    return {"seconds": round(secs, 2), "stage_cpu_s": cpu_s(execs), **phases(execs, start, secs)}
+    return {"seconds": round(secs, 2), "stage_cpu_s": cpu_s(execs), "duplicate_executions": duplicates(execs),
+            **phases(execs, start, secs)}
 
 
 def raydata_killed(d: Path, data: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -716,6 +724,7 @@ def summarize(passes: list[dict[str, Any]], systems: list[str]) -> dict[str, Any
             "stage_executions_repeated": [x["stage_executions_repeated"] for x in k],
             "cpu_s_repeated": [x["cpu_s_repeated"] for x in k],
             "executions_cut_by_kill": [x["executions_cut_by_kill"] for x in k],
+            "duplicate_executions": [x["duplicate_executions"] for x in full + k],
             "outputs_ok": all(
                 x["output"]["lost"] == x["output"]["duplicated"] == x["output"]["unexpected"] == 0
                 and x["output"].get("equal_to_reference", True) for x in full + k),
