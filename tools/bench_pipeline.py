@@ -8,6 +8,8 @@ Command behind the "Pipeline" section of ``docs/throughput-benchmarks.md``::
 Options: ``--rows N`` (default 2,500,000), ``--block-rows B`` (rows per tierflow block =
 Ray Data ``batch_size``; default 20,000), ``--rounds N`` (default 3), ``--replicas 1,2``
 (the tierflow configurations measured; Ray Data runs once per round next to each),
+``--quiet-wait-s S`` / ``--quiet-cores C`` (before each run, wait up to S s, default 180, until
+other users' jobs use fewer than C cores, default 0.5, over 3 s: the machine is shared),
 ``--num-cpus N`` (logical CPUs of the Ray instance both systems share; default 3, what
 tierflow's embedded Ray would give this manifest), ``--cluster`` (also run both systems on
 a 2-node ``ray.cluster_utils.Cluster``, where ``replicas: 2`` has a second node to put
@@ -491,6 +493,19 @@ def cpu_busy_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_quiet(max_wait_s: float, max_cores: float, window_s: float = 3.0) -> tuple[float, float]:
+    """Wait (at most ``max_wait_s``) until other users' jobs use under ``max_cores`` cores
+    over a ``window_s`` window. Returns (seconds waited, their cores in the last window)."""
+    t0 = time.time()
+    while True:
+        busy, tree = cpu_busy_s(), _tree_cpu()
+        time.sleep(window_s)
+        ours = cpu_by_group(tree, _tree_cpu())
+        others = (cpu_busy_s() - busy - sum(v for k, v in ours.items() if k != "new_processes")) / window_s
+        if others < max_cores or time.time() - t0 >= max_wait_s:
+            return time.time() - t0, others
+
+
 def compare(work: Path, args: argparse.Namespace, url: str, replicas_list: list[int], where: str,
             remote_url: str | None, cache_root: str) -> dict[str, Any]:
     """Alternate tierflow (each replicas setting) and Ray Data over args.rounds rounds,
@@ -519,6 +534,7 @@ def compare(work: Path, args: argparse.Namespace, url: str, replicas_list: list[
         if rnd % 2:
             order.reverse()
         for name in order:
+            waited, load = wait_quiet(args.quiet_wait_s, args.quiet_cores) if args.quiet_wait_s > 0 else (0.0, float("nan"))
             busy, tree = cpu_busy_s(), _tree_cpu()
             if name == "raydata":
                 res = run_raydata(work, work / "data", work / f"out-raydata-{where}", args, url, f"{where}-{rnd}")
@@ -534,6 +550,7 @@ def compare(work: Path, args: argparse.Namespace, url: str, replicas_list: list[
             res["ours_cpu_s"] = round(sum(v for k, v in res["cpu_s"].items() if k != "new_processes"), 1)
             res["others_cpu_s"] = round(res["cpu_busy_s"] - res["ours_cpu_s"], 1)  # other users' jobs
             res["round"] = rnd
+            res["waited_for_quiet_s"], res["others_cores_at_start"] = round(waited, 1), round(load, 2)
             runs[name].append(res)
             print(f"  [{where}] round {rnd} {name:12s} rows {res['rows']:>9,d}  start-up {res['startup_s']:6.2f}s  "
                   f"run {res['run_s']:6.2f}s  total {res['total_s']:6.2f}s  -> {res['rows'] / res['run_s']:>9,.0f} rows/s"
@@ -602,11 +619,15 @@ def main() -> None:
     ap.add_argument("--max-inflight", type=int, default=4)
     ap.add_argument("--cluster", action="store_true", help="also run on a 2-node ray.cluster_utils.Cluster")
     ap.add_argument("--no-single", action="store_true", help="skip the single-node runs")
+    ap.add_argument("--quiet-wait-s", type=float, default=180.0,
+                    help="before each run, wait up to this long for other jobs to calm down (0: never wait)")
+    ap.add_argument("--quiet-cores", type=float, default=0.5,
+                    help="'calm' = other jobs use fewer cores than this over 3 s")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", help="scratch directory (default: a new temp dir, removed at the end)")
     args = ap.parse_args()
     if args.quick:
-        args.rows, args.rounds = 100_000, 1
+        args.rows, args.rounds, args.quiet_wait_s = 100_000, 1, 0.0
     replicas_list = [int(x) for x in args.replicas.split(",") if x]
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
