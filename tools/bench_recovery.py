@@ -6,7 +6,7 @@ Command behind ``docs/recovery-benchmark.md``::
 
 The pipeline (stage code in this file, importable as ``bench_recovery``)::
 
-    parquet (id, h float32[16])
+    parquet (id, h float32[16], payload 256 bytes)
       s01..s04  task   per row: ``--work`` rounds of h = tanh(W h + b) (one NumPy matvec per row and round)
       s05       actor  the same, W held by the actor
       s06..s09  task
@@ -31,9 +31,10 @@ order of the systems every round):
 2. fault-free: tierflow, then Ray Data;
 3. with the fault: tierflow, then Ray Data. When the stage functions have finished
    ``--at`` (default 60 %) of all stage x block executions of that run, the worker node
-   with the most worker processes active in stage calls (in one now, or finished one in
-   the last 2 s) is removed (``Cluster.remove_node``: every process of that node dies,
-   with its object store and its LMDB) and a fresh node is added in its place.
+   where the most stage calls finished in the last 10 s -- the node holding the most
+   freshly made blocks, the ones still waiting for their next stage -- is removed
+   (``Cluster.remove_node``: every process of that node dies, with its object store and
+   its LMDB) and a fresh node is added in its place.
 
 tierflow: ``tierflow.run.run_pipeline`` with ``replicas: 2`` (each intermediate block on
 two nodes), a ``file://`` durable store (the sink), the same Triton server by URL. Task
@@ -50,11 +51,15 @@ Measured per run: wall time of the whole call (planning, actor start-up and the 
 included, for both); ``time ratio`` = fault run / the same system's fault-free run.
 Executions are counted by the stage functions themselves (one ``start`` and one ``end``
 line per call, with the block's first row id), identically for both systems:
-``upstream re-executions`` = calls of a (stage, block) that started after the same
-(stage, block) had already finished once -- work that was complete and was done again
-(Ray's lineage reconstruction, or a tierflow block whose every copy was lost). Calls cut
-short by the node's death and run again are counted apart (``in-flight retries``).
-tierflow's own report is shown next to it (``reexecutions``: committed blocks recomputed).
+``calls repeated after finishing`` = calls of a (stage, block) that started after the
+same (stage, block) had already finished once -- work that was complete and was done
+again (Ray's lineage reconstruction, or a tierflow block whose every copy was lost; also
+a tierflow step killed after its function returned but before its output was committed).
+Calls cut short by the node's death and run again are counted apart (``in-flight
+retries``). ``upstream re-executions``: for Ray Data the repeated calls above; for
+tierflow its own report's ``reexecutions`` (committed blocks recomputed because every
+copy was lost), the log-based figure next to it. tierflow's Triton stage runs the
+engine's own client, which logs nothing: its figures come from the report.
 Both outputs are checked: every id exactly once, the same values in both systems.
 
 ``--json PATH`` writes ``tierflow_time_ratio``, ``tierflow_upstream_reexecutions``,
@@ -86,6 +91,10 @@ ROOT = TOOLS.parent
 N_STAGES = 20
 ACTOR_STAGES = (5, 15, 20)
 TRITON_STAGE = 10
+#: bytes of opaque payload per row (a record's raw data), carried through every stage: it
+#: makes a 1,000-row block ~0.3 MB, above Ray's 100 KB limit for objects returned inline
+#: to the driver (which would survive a node loss in the driver's own memory).
+PAYLOAD = 256
 
 # --------------------------------------------------------------------------- stage code
 # Row-independent and deterministic: the output does not depend on how rows are grouped
@@ -128,7 +137,7 @@ def work(table: pa.Table, *, stage: str, seed: int, rounds: int, log: str | None
                              pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), 16))
     table = table.append_column(stage, pa.array(out.sum(axis=1, dtype=np.float32)))
     if stage == f"s{N_STAGES:02d}":
-        table = table.drop_columns([c for c in ("h", "probs") if c in table.column_names])
+        table = table.drop_columns([c for c in ("h", "probs", "payload") if c in table.column_names])
     _log(log, stage, table, "end")
     return table
 
@@ -216,8 +225,11 @@ def write_data(out: Path, rows: int, block_rows: int, seed: int = 11) -> None:
     for f, lo in enumerate(range(0, rows, block_rows)):
         hi = min(rows, lo + block_rows)
         h = rng.standard_normal((hi - lo, 16)).astype(np.float32)
+        payload = rng.integers(0, 256, size=(hi - lo) * PAYLOAD, dtype=np.uint8).tobytes()
         pq.write_table(pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)),
-                                 "h": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), 16)}),
+                                 "h": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), 16),
+                                 "payload": pa.Array.from_buffers(pa.binary(PAYLOAD), hi - lo,
+                                                                  [None, pa.py_buffer(payload)])}),
                        out / f"part-{f:05d}.parquet")
 
 
@@ -362,16 +374,19 @@ def ends(log: Path) -> int:
         return 0
 
 
-def active_pids(log: Path, window_s: float = 2.0) -> set[int]:
-    """Pids that are in a stage call now or logged one in the last ``window_s`` seconds."""
-    last: dict[int, tuple[str, float]] = {}
-    for _, _, event, pid, ts in read_log(log):
-        last[pid] = (event, ts)
+def recent_outputs(log: Path, window_s: float = 10.0) -> dict[int, int]:
+    """Per pid, stage calls it finished in the last ``window_s`` seconds: the blocks most
+    likely still waiting for their next stage (in Ray Data, in that node's object store)."""
     now = time.time()
-    return {pid for pid, (ev, ts) in last.items() if ev == "start" or now - ts <= window_s}
+    out: dict[int, int] = {}
+    for _, _, event, pid, ts in read_log(log):
+        if event == "end" and now - ts <= window_s:
+            out[pid] = out.get(pid, 0) + 1
+    return out
 
 
-def node_of_pids(cluster: Any, pids: set[int]) -> dict[Any, int]:
+def per_node(cluster: Any, weights: dict[int, int]) -> dict[Any, int]:
+    """Sum of ``weights`` (pid -> n) over each worker node's processes."""
     import psutil
 
     counts: dict[Any, int] = {}
@@ -381,7 +396,7 @@ def node_of_pids(cluster: Any, pids: set[int]) -> dict[Any, int]:
                 kids = {p.pid for p in psutil.Process(raylet.process.pid).children(recursive=True)}
             except psutil.Error:
                 continue
-            counts[node] = counts.get(node, 0) + len(kids & pids)
+            counts[node] = counts.get(node, 0) + sum(n for pid, n in weights.items() if pid in kids)
     return counts
 
 
@@ -440,11 +455,12 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
         while runner.is_alive():
             done = ends(log)
             if done >= args.at * total:
-                pids = active_pids(log)
-                counts = node_of_pids(cluster, pids)
+                recent = recent_outputs(log)
+                counts = per_node(cluster, recent)
                 victim = max(cluster.workers, key=lambda n: counts.get(n, 0))
                 fault_info = {"t_s": round(time.monotonic() - t0, 2), "progress": round(done / total, 3),
-                              "active_on_victim": counts.get(victim, 0), "active_total": len(pids)}
+                              "recent_outputs_on_victim": counts.get(victim, 0),
+                              "recent_outputs_total": sum(recent.values())}
                 fault_info.update(cluster.replace_node(victim))
                 break
             time.sleep(0.05)
@@ -458,12 +474,22 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
            "inflight_retries": sum(c["retried"] for c in counts.values())}
     if "report" in result:
         res["report"] = result["report"]
+        res["engine_reexecutions"] = sum(int(v.get("reexecutions") or 0) for v in result["report"].values())
         # tierflow's Triton stage runs the engine's own client, which logs nothing: its
         # recomputed committed blocks come from the engine's report instead
         triton = result["report"].get(stage_name(TRITON_STAGE), {})
         res["upstream_reexecutions"] += int(triton.get("reexecutions") or 0)
     res["_table"] = table
     return res
+
+
+def wait_for_calm(max_load: float, max_wait_s: float) -> dict[str, Any]:
+    """Wait (at most ``max_wait_s``) until the 1-minute load average is below ``max_load``:
+    the machine is shared, and other users' bursts are the largest error in these times."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] >= max_load and time.monotonic() - t0 < max_wait_s:
+        time.sleep(2.0)
+    return {"waited_s": round(time.monotonic() - t0, 1), "load": round(os.getloadavg()[0], 1)}
 
 
 def machine() -> dict[str, Any]:
@@ -521,6 +547,9 @@ def main() -> int:
     ap.add_argument("--speculate", action="store_true",
                     help="leave tierflow's speculative copies of stragglers on (off by default: Ray Data has none, "
                          "and their extra calls would be counted as repeated work)")
+    ap.add_argument("--calm-load", type=float, default=6.0,
+                    help="before each measured run, wait for the 1-min load average to drop below this")
+    ap.add_argument("--calm-wait-s", type=float, default=60.0, help="... but no longer than this")
     ap.add_argument("--rounds", type=int, default=1, help="fault-free + fault runs of each system per round")
     ap.add_argument("--systems", default="tierflow,raydata")
     ap.add_argument("--dir", help="scratch directory (default: a temp dir, removed at the end)")
@@ -568,22 +597,33 @@ def main() -> int:
             r = one_run(system, "warmup", False, work_dir, warm, triton.url, cluster, args, 4 * args.block_rows)
             print(f"  warm-up {system}: {r['wall_s']} s{' ERROR ' + r['error'] if r['error'] else ''}", flush=True)
         report["warmup_s"] = round(time.monotonic() - t, 1)
+        changed = False  # a node was replaced since the last warm-up
         for rnd in range(args.rounds):
             order = systems if rnd % 2 == 0 else systems[::-1]
-            for fault in (False, True):
-                for system in order:
+            for system in order:
+                if changed:  # warm the replacement node for this system (unmeasured)
+                    one_run(system, "warmup", False, work_dir, warm, triton.url, cluster, args, 4 * args.block_rows)
+                    changed = False
+                for fault in (False, True):  # each system's two runs back to back
                     tag = f"{'fault' if fault else 'clean'}{rnd}"
+                    calm = wait_for_calm(args.calm_load, args.calm_wait_s)
                     r = one_run(system, tag, fault, work_dir, data, triton.url, cluster, args, args.rows)
+                    changed |= fault
                     tables.setdefault(system, r["_table"])
                     r.pop("_table")
-                    r["round"] = rnd
+                    r["round"], r["calm"], r["load_after"] = rnd, calm, round(os.getloadavg()[0], 1)
                     runs.append(r)
                     f = r["fault"]
                     print(f"  round {rnd} {system:8s} {'fault' if fault else 'clean'}: {r['wall_s']:7.1f} s  "
-                          f"rows ok {r['output'].get('ok')}  upstream re-executions {r['upstream_reexecutions']}  "
-                          f"in-flight retries {r['inflight_retries']}"
-                          + (f"  [node removed at {f['progress']:.0%} / {f['t_s']} s, {f['active_on_victim']} of "
-                             f"{f['active_total']} active stage workers on it]" if f else "")
+                          f"rows ok {r['output'].get('ok')}  calls repeated after finishing "
+                          f"{r['upstream_reexecutions']}"
+                          + (f" (engine: {r['engine_reexecutions']} committed blocks recomputed)"
+                             if "engine_reexecutions" in r else "")
+                          + f"  in-flight retries {r['inflight_retries']}  (load {calm['load']} -> {r['load_after']}"
+                          f"{', waited %.0f s for it' % calm['waited_s'] if calm['waited_s'] >= 1 else ''})"
+                          + (f"\n      node removed at {f['progress']:.0%} of calls, t={f['t_s']} s; "
+                             f"{f['recent_outputs_on_victim']} of the {f['recent_outputs_total']} stage calls "
+                             f"finished in the 10 s before were there" if f else "")
                           + (f"  ERROR {r['error']}" if r["error"] else ""), flush=True)
     finally:
         cluster.shutdown()
@@ -599,7 +639,13 @@ def main() -> int:
             continue
         ratios = [f["wall_s"] / c for f, c in zip(faulty, clean)]
         report[f"{system}_time_ratio"] = round(statistics.median(ratios), 3)
-        report[f"{system}_upstream_reexecutions"] = int(statistics.median([r["upstream_reexecutions"] for r in faulty]))
+        if system == "tierflow":  # its own count: committed blocks recomputed (every copy lost)
+            key = "engine_reexecutions"
+            report["tierflow_calls_repeated_after_finishing"] = int(statistics.median(
+                [r["upstream_reexecutions"] for r in faulty]))
+        else:  # counted inside the stage functions
+            key = "upstream_reexecutions"
+        report[f"{system}_upstream_reexecutions"] = int(statistics.median([r[key] for r in faulty]))
         report[f"{system}_inflight_retries"] = int(statistics.median([r["inflight_retries"] for r in faulty]))
         report[f"{system}_all_ok"] = all(r["output"].get("ok") and not r["error"]
                                          for r in runs if r["system"] == system)
