@@ -857,13 +857,14 @@ def main() -> None:
                 res: dict[str, Any] = {}
                 for system, mode in (order if p % 2 == 0 else order[::-1]):
                     d = work / f"p{p}-{system}-{mode}"
-                    t0 = time.perf_counter()
+                    t0, load0 = time.perf_counter(), os.getloadavg()[0]
                     r = runs[system][mode](d, data, a)
+                    r["loadavg_1min"] = [round(load0, 1), round(os.getloadavg()[0], 1)]  # at start, at end
                     r["output"] = read_output(d / "out", system == "tierflow")
                     res[f"{system}_{mode}"] = r
                     split = f" (to kill {r['to_kill_s']:.1f} + resumed {r['resumed_s']:.1f})" if mode == "killed" else ""
                     print(f"pass {p} {system:8s} {mode:6s} {r['seconds']:6.1f} s{split}  "
-                          f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+                          f"[{time.perf_counter() - t0:.0f} s, load {r['loadavg_1min']}]", flush=True)
                 reference = res["tierflow_full" if "tierflow_full" in res else f"{systems[0]}_full"]["output"]
                 for r in res.values():
                     r["output"] = check_output(r["output"], total, reference)
