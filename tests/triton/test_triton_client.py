@@ -244,20 +244,6 @@ def test_unreachable_url_without_readiness_wait_gives_up_after_the_backoff() -> 
     assert sleeps == pytest.approx([0.01, 0.02])
 
 
-def test_deadline_exceeded_is_retried_then_unavailable(triton_server: TritonServer) -> None:
-    sleeps: list[float] = []
-    client = _mlp(triton_server.grpc_url, retry=FAST_RETRY, sleep=sleeps.append)
-    assert client.spec.name == "mlp_classifier"  # config fetched with a sane deadline
-    client.timeout_s = 1e-5  # every request now misses its deadline
-    with pytest.raises(TritonUnavailable, match="DEADLINE_EXCEEDED") as info:
-        client.infer_table(_mlp_table(_features(10)))
-    assert info.value.url == triton_server.grpc_url
-    assert "gave up after 3 attempt(s)" in info.value.reason
-    (stats,) = client.endpoint_stats()
-    assert stats.failed == 3 and stats.in_flight == 0
-    assert len(sleeps) >= 2  # a backoff before each retry (and polls if a poll was slow)
-
-
 # ----------------------------------------------------------------------------- validation
 
 LIAR_CONFIG = """
