@@ -54,6 +54,14 @@ def always_fails_on(t, block):
     return t
 
 
+def rejects_ids(t, bad):
+    """Fails on any batch holding one of the ``bad`` ids (a row-level problem)."""
+    hit = sorted(set(bad) & set(t["id"].to_pylist()))
+    if hit:
+        raise ValueError(f"id {hit[0]} cannot be parsed")
+    return t
+
+
 def steady(t, seconds):
     time.sleep(seconds)
     return t
@@ -118,9 +126,44 @@ def test_on_error_skip_writes_dead_letters_and_counts_them(tmp_path: Path) -> No
     saved = ds.dataset(str(out / "_dead_letters" / "poison" / "block-000005.parquet")).to_table()
     assert saved["id"].to_pylist() == list(range(500, 600))
     success = json.loads((out / "_SUCCESS").read_text())
-    assert success["dead_letters"] == {"poison": 1} and success["rows"] == ROWS - BLOCK_ROWS
+    assert success["dead_letters"] == {"poison": {"blocks": 1, "rows": 0}}
+    assert success["rows"] == ROWS - BLOCK_ROWS
     stage = report["stages"][0]
     assert (stage["dead_letters"], stage["retries"]) == (1, 1)
+
+
+def test_on_error_skip_rows_sets_aside_only_the_failing_rows(tmp_path: Path) -> None:
+    bad = [7, 250, 251, 1199]
+    manifest = pipeline(tmp_path, [
+        {"name": "parse", "kind": "python", "fn": "trouble:rejects_ids", "params": {"bad": bad},
+         "on_error": "skip_rows", "checkpoint": True},
+        {"name": "after", "kind": "python", "fn": "trouble:steady", "params": {"seconds": 0}},
+    ])
+    res, report = run(manifest)
+    assert res.returncode == 0, res.stderr
+    assert ids(manifest) == [i for i in range(ROWS) if i not in bad]
+    letters = manifest.parent / "out" / "_dead_letters" / "parse"
+    saved = ds.dataset(str(letters), format="parquet").to_table().sort_by("id")
+    assert saved["id"].to_pylist() == bad
+    assert saved["_row"].to_pylist() == [i % BLOCK_ROWS for i in bad]
+    assert saved["_error"].to_pylist() == [f"ValueError: id {i} cannot be parsed" for i in bad]
+    assert sorted(p.name for p in letters.iterdir()) == [
+        "block-000000.rows.parquet", "block-000002.rows.parquet", "block-000011.rows.parquet"]
+    success = json.loads((manifest.parent / "out" / "_SUCCESS").read_text())
+    assert success["rows"] == ROWS - len(bad)
+    assert success["dead_letters"] == {"parse": {"blocks": 0, "rows": len(bad)}}
+    stage = report["stages"][0]
+    assert (stage["dead_letters"], stage["dead_letter_rows"], stage["retries"]) == (0, len(bad), 0)
+    assert stage["rows_out"] == ROWS - len(bad) and report["stages"][1]["rows_out"] == ROWS - len(bad)
+
+    # A re-run reuses the committed blocks and still reports the rows set aside before.
+    manifest.with_name("again.yaml").write_text(
+        manifest.read_text().replace("mode: error", "mode: overwrite"))
+    res, report = run(manifest.with_name("again.yaml"))
+    assert res.returncode == 0, res.stderr
+    assert report["stages"][0]["executions"] == 0 and report["stages"][0]["reused"] == BLOCKS
+    success = json.loads((manifest.parent / "out" / "_SUCCESS").read_text())
+    assert success["dead_letters"] == {"parse": {"blocks": 0, "rows": len(bad)}}
 
 
 def test_block_timeout_cancels_a_hung_attempt_and_retries_it(tmp_path: Path) -> None:

@@ -60,8 +60,12 @@ class _StageBase(_Model):
     retry_on: tuple[str, ...] = Field(
         (), description="exception class names (or module.Name) of user code that are retried"
     )
-    on_error: Literal["fail", "skip"] = Field(
-        "fail", description="skip: a block that fails for good goes to the dead letters"
+    on_error: Literal["fail", "skip", "skip_rows"] = Field(
+        "fail",
+        description=(
+            "skip: a block that fails for good goes to the dead letters; skip_rows: the failing "
+            "block is retried in halves, rows that fail alone go to the dead letters, the rest go on"
+        ),
     )
     block_timeout_s: float | None = Field(
         None, gt=0, description="cancel one attempt on a block after this long and retry it elsewhere"

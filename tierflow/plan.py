@@ -57,6 +57,8 @@ class Plan:
 def stage_identity(stage: Stage, model_digest: Callable[[str], str]) -> dict[str, object]:
     """What of a stage decides its output: its config minus execution knobs, plus code."""
     config = stage.model_dump(mode="json", exclude=_EXECUTION_ONLY)
+    if stage.on_error == "skip_rows":  # its blocks may hold fewer rows than a failing run's
+        config["on_error"] = stage.on_error
     if isinstance(stage, PythonStage):
         code = code_digest(stage.target)
     else:

@@ -208,7 +208,11 @@ class RayBackend:
             return StepIO(plan.key(n - 1, block), "", input_locations)
         cfg = plan.stages[step].config
         inp = plan.blocks[block] if step == 0 else plan.key(step - 1, block)
-        return StepIO(inp, plan.key(step, block), input_locations, self._durable[step], cfg.retry_on)
+        rejects = None
+        if cfg.on_error == "skip_rows":
+            url, options = self._letters_at
+            rejects = (f"{url.rstrip('/')}/{cfg.name}/block-{block:06d}", options)
+        return StepIO(inp, plan.key(step, block), input_locations, self._durable[step], cfg.retry_on, rejects)
 
     def submit(self, d: Dispatch, input_locations: tuple[str, ...] = ()) -> None:
         plan, n = self._plan, len(self._plan.stages)

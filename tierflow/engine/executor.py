@@ -114,7 +114,7 @@ class Executor:
                 len(plan.blocks), limits, window,
                 max_attempts=[*(c.max_attempts for c in cfgs), self.max_attempts],
                 start_step=self.start_step,
-                skip=[*(c.on_error == "skip" for c in cfgs), False],
+                skip=[*(c.on_error != "fail" for c in cfgs), False],
             )
             self._submit(state.start())
             while not state.finished:
@@ -144,7 +144,11 @@ class Executor:
                 self.journal.flush(force=True)  # every part is journaled before _SUCCESS
             crash_point("before_success")
             # rows set aside are listed next to the parts, never silently missing
-            letters = {v.name: v.dead_letters for v in self.views if v.dead_letters}
+            letters = {
+                v.name: {"blocks": v.dead_letters, "rows": rows}
+                for v, rows in zip(self.views, self._rejected_rows())
+                if v.dead_letters or rows
+            }
             self.sink.commit([parts[b] for b in sorted(parts)], {"pipeline": plan.manifest.name, "dead_letters": letters})
         except BaseException as exc:
             error = exc
@@ -288,6 +292,10 @@ class Executor:
         meta = outcome.meta
         view.rows_out += meta.rows
         j = self.journal
+        if outcome.rejected:
+            view.dead_letter_rows += outcome.rejected
+            if j is not None:
+                j.record_rejected(self.plan.stages[d.step].name, d.block, outcome.rejected)
         if d.step == len(self.plan.stages):
             self.parts[d.block] = meta
             if j is not None:
@@ -302,6 +310,13 @@ class Executor:
             if j is not None:
                 j.forget_block(self.plan.stages[d.step - 1].name, d.block)
         return Completed(d.step, d.block)
+
+    def _rejected_rows(self) -> list[int]:
+        """Per step, the rows set aside by ``skip_rows``, earlier runs' reused blocks included."""
+        if self.journal is None:
+            return [v.dead_letter_rows for v in self.views]
+        j = self.journal
+        return [sum(j.rejected(s.name, s.fingerprint).values()) for s in self.plan.stages] + [0]
 
     def _collect_garbage(self, now: bool = False, wait: bool = False) -> None:
         """Delete consumed intermediate blocks in batches, off the driver's loop.
@@ -329,7 +344,8 @@ class Executor:
             entry: dict[str, Any] = {
                 "name": v.name, "kind": v.kind, "blocks": v.total, "blocks_done": v.done,
                 "executions": v.executions, "retries": v.retries, "reused": v.reused,
-                "reexecutions": v.reexecutions, "dead_letters": v.dead_letters, "timeouts": v.timeouts,
+                "reexecutions": v.reexecutions, "dead_letters": v.dead_letters,
+                "dead_letter_rows": v.dead_letter_rows, "timeouts": v.timeouts,
                 "speculated": v.speculated, "excluded_nodes": v.excluded_nodes,
                 "rows_out": v.rows_out, "busy_s": round(v.busy_s, 3),
             }

@@ -15,7 +15,8 @@ Format (version 1)::
 
     {"version": 1, "pipeline": "demo", "run_id": "...", "state": "running|succeeded|failed",
      "updated_at": 1764000000.0, "blocks": 120, "sink_fingerprint": "<sha256>",
-     "stages": {"clean": {"fingerprint": "<sha256>", "done": {"42": [rows, nbytes, checksum, [locations]]}}},
+     "stages": {"clean": {"fingerprint": "<sha256>", "done": {"42": [rows, nbytes, checksum, [locations]]},
+                          "rejected": {"7": rows set aside by on_error: skip_rows}}},
      "parts": {"42": [name, rows, bytes, checksum]}}
 
 ``done`` holds the blocks whose output is still needed or kept (consumed intermediates are
@@ -115,7 +116,11 @@ class Journal:
         j.pipeline, j.state, j.blocks = doc["pipeline"], doc["state"], doc["blocks"]
         j.run_id, j.updated_at = doc["run_id"], doc["updated_at"]
         j.stages = {
-            name: {"fingerprint": s["fingerprint"], "done": {int(b): v for b, v in s["done"].items()}}
+            name: {
+                "fingerprint": s["fingerprint"],
+                "done": {int(b): v for b, v in s["done"].items()},
+                "rejected": {int(b): n for b, n in s.get("rejected", {}).items()},
+            }
             for name, s in doc["stages"].items()
         }
         j.parts = {int(b): PartMeta(*v) for b, v in doc["parts"].items()}
@@ -129,6 +134,13 @@ class Journal:
             return {}
         return s["done"]  # type: ignore[no-any-return]
 
+    def rejected(self, stage: str, fingerprint: str) -> dict[int, int]:
+        """Rows of each block of ``stage`` set aside as dead letters (``skip_rows``)."""
+        s = self.stages.get(stage)
+        if s is None or s["fingerprint"] != fingerprint:
+            return {}
+        return s["rejected"]  # type: ignore[no-any-return]
+
     # -- writing (driver only) -------------------------------------------------------------
 
     def begin(self, pipeline: str, blocks: int, fingerprints: dict[str, str], sink_fingerprint: str) -> None:
@@ -140,7 +152,7 @@ class Journal:
         self.run_id = uuid.uuid4().hex
         self.stages = {
             name: (self.stages[name] if self.stages.get(name, {}).get("fingerprint") == fp
-                   else {"fingerprint": fp, "done": {}})
+                   else {"fingerprint": fp, "done": {}, "rejected": {}})
             for name, fp in fingerprints.items()
         }
         self.flush(force=True)
@@ -148,6 +160,11 @@ class Journal:
     def record_block(self, stage: str, block: int, rows: int, nbytes: int, checksum: str,
                      locations: tuple[str, ...]) -> None:
         self.stages[stage]["done"][block] = [rows, nbytes, checksum, list(locations)]
+        self._dirty = True
+
+    def record_rejected(self, stage: str, block: int, rows: int) -> None:
+        # kept when the block itself is forgotten: the count belongs in the final _SUCCESS
+        self.stages[stage]["rejected"][block] = rows
         self._dirty = True
 
     def forget_block(self, stage: str, block: int) -> None:
@@ -190,7 +207,10 @@ class Journal:
         doc = {
             "version": VERSION, "pipeline": self.pipeline, "run_id": self.run_id, "state": self.state,
             "updated_at": self.updated_at, "blocks": self.blocks, "sink_fingerprint": self.sink_fingerprint,
-            "stages": {n: {"fingerprint": s["fingerprint"], "done": s["done"]} for n, s in self.stages.items()},
+            "stages": {
+                n: {"fingerprint": s["fingerprint"], "done": s["done"], "rejected": s["rejected"]}
+                for n, s in self.stages.items()
+            },
             "parts": {str(b): [p.name, p.rows, p.bytes, p.checksum] for b, p in self.parts.items()},
         }
         fs, root = self._fs

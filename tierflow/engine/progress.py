@@ -29,6 +29,7 @@ class StepView:
     reused: int = 0
     reexecutions: int = 0
     dead_letters: int = 0
+    dead_letter_rows: int = 0
     timeouts: int = 0
     speculated: int = 0
     excluded_nodes: list[str] = field(default_factory=list)
@@ -46,6 +47,18 @@ class StepView:
         if self.inflight:
             return "running"
         return "waiting" if self.done == 0 else "idle"
+
+    @property
+    def notes(self) -> str:
+        """The trouble worth a glance, only what happened: 'timed out 2, dead rows 5, ...'."""
+        counts = (
+            ("re-executed", self.reexecutions), ("timed out", self.timeouts), ("speculated", self.speculated),
+            ("dead blocks", self.dead_letters), ("dead rows", self.dead_letter_rows),
+        )
+        parts = [f"{label} {n}" for label, n in counts if n]
+        if self.excluded_nodes:
+            parts.append("excluded " + ", ".join(n[:8] for n in self.excluded_nodes))
+        return ", ".join(parts)
 
     def rate(self, now: float) -> float:
         if self.started is None:
@@ -95,12 +108,12 @@ class Progress:
     def _table(self) -> Table:
         now = time.monotonic()
         t = Table(title=self.title, title_justify="left")
-        for col in ("stage", "kind", "state", "blocks", "in flight", "rows out", "rows/s"):
-            t.add_column(col, justify="left" if col in ("stage", "kind", "state") else "right")
+        for col in ("stage", "kind", "state", "blocks", "in flight", "rows out", "rows/s", "notes"):
+            t.add_column(col, justify="left" if col in ("stage", "kind", "state", "notes") else "right")
         for s in self.steps:
             t.add_row(
                 s.name, s.kind, s.state, f"{s.done}/{s.total}", str(s.inflight),
-                f"{s.rows_out:,}", f"{s.rate(now):,.0f}",
+                f"{s.rows_out:,}", f"{s.rate(now):,.0f}", s.notes,
             )
         return t
 
@@ -108,12 +121,13 @@ class Progress:
 def summary_table(steps: Sequence[StepView], elapsed_s: float) -> Table:
     """The end-of-run summary per stage."""
     t = Table(title=f"summary ({elapsed_s:.1f} s)", title_justify="left")
-    for col in ("stage", "blocks", "rows out", "executions", "retries", "reused", "busy s", "rows/s"):
-        t.add_column(col, justify="left" if col == "stage" else "right")
+    cols = ("stage", "blocks", "rows out", "executions", "retries", "reused", "busy s", "rows/s", "notes")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("stage", "notes") else "right")
     now = time.monotonic()
     for s in steps:
         t.add_row(
             s.name, f"{s.done}/{s.total}", f"{s.rows_out:,}", str(s.executions), str(s.retries),
-            str(s.reused), f"{s.busy_s:.1f}", f"{s.rate(now):,.0f}",
+            str(s.reused), f"{s.busy_s:.1f}", f"{s.rate(now):,.0f}", s.notes,
         )
     return t
