@@ -62,6 +62,18 @@ def rejects_ids(t, bad):
     return t
 
 
+class BrokenFirst:
+    """The first actor ever constructed fails every block it gets; later ones work."""
+
+    def __init__(self, marker):
+        self.broken = _first_time(marker)
+
+    def __call__(self, t):
+        if self.broken:
+            raise Flaky("this actor is broken")
+        return t
+
+
 def steady(t, seconds):
     time.sleep(seconds)
     return t
@@ -164,6 +176,18 @@ def test_on_error_skip_rows_sets_aside_only_the_failing_rows(tmp_path: Path) -> 
     assert report["stages"][0]["executions"] == 0 and report["stages"][0]["reused"] == BLOCKS
     success = json.loads((manifest.parent / "out" / "_SUCCESS").read_text())
     assert success["dead_letters"] == {"parse": {"blocks": 0, "rows": len(bad)}}
+
+
+def test_an_actor_that_keeps_failing_is_retired(tmp_path: Path) -> None:
+    manifest = pipeline(tmp_path, [
+        {"name": "model", "kind": "python", "cls": "trouble:BrokenFirst", "concurrency": 1,
+         "params": {"marker": str(tmp_path / "m")}, "retry_on": ["Flaky"], "max_attempts": 4},
+    ])
+    res, report = run(manifest)
+    assert res.returncode == 0, res.stderr
+    assert ids(manifest) == list(range(ROWS))
+    stage = report["stages"][0]
+    assert stage["retired_actors"] == 1 and stage["retries"] == 3  # 3 strikes, then a fresh actor
 
 
 def test_block_timeout_cancels_a_hung_attempt_and_retries_it(tmp_path: Path) -> None:

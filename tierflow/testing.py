@@ -81,6 +81,9 @@ class InlineBackend:
     def lost_nodes(self) -> list[str]:
         return []
 
+    def retired_actors(self, step: int) -> int:
+        return 0
+
     def flush(self, prefix: str) -> int:
         return 0
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 
-from tierflow.engine.backend import ActorPool
+from tierflow.engine.backend import RETIRE_AFTER, ActorPool
 
 pytestmark = pytest.mark.ray
 
@@ -42,6 +42,23 @@ def test_pool_scales_between_min_and_max(local_ray: None) -> None:
     pool.replace(pool.actors[0])
     assert pool.actors == [] and pool.idle == 3
     assert pool.acquire() is not None and pool.started == 4
+    pool.shutdown()
+
+
+def test_an_actor_failing_too_often_is_retired_and_replaced(local_ray: None) -> None:
+    pool = ActorPool(None, lambda: Echo.remote(), min_size=2, max_size=2)  # type: ignore[arg-type]
+    bad, good = pool.acquire(), pool.acquire()
+    for _ in range(RETIRE_AFTER - 1):
+        pool.release(bad, failed=True)
+        assert pool.acquire() is bad  # still in service: failures below the limit
+    pool.release(good, failed=True)  # a failure elsewhere does not count against ``bad``
+    pool.acquire()
+    pool.release(bad, failed=True)
+    assert pool.retired == 1 and bad not in pool.actors and good in pool.actors
+    fresh = pool.acquire()
+    assert fresh is not bad and fresh is not good and ray.get(fresh.ready.remote())
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(bad.ready.remote(), timeout=30)  # stopped, not just set aside
     pool.shutdown()
 
 

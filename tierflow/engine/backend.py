@@ -41,6 +41,7 @@ ACTOR_START_TIMEOUT_S = 120.0
 SERVERS_REFRESH_S = 10.0  # how often to look for nodes that joined and need a cache server
 NODES_REFRESH_S = 1.0  # how often Ray's node table is read to notice dead nodes
 NODE_ID_LABEL = "ray.io/node-id"
+RETIRE_AFTER, RETIRE_WINDOW_S = 3, 120.0  # an actor failing this often is replaced
 
 
 class Backend(Protocol):
@@ -91,6 +92,10 @@ class Backend(Protocol):
         """Nodes found dead since the last call (Ray's node table)."""
         ...
 
+    def retired_actors(self, step: int) -> int:
+        """Actors of ``step`` retired so far for failing too often (0 for task stages)."""
+        ...
+
     def shutdown(self) -> None:
         """Wait for dead letters to be written, then stop every actor."""
         ...
@@ -101,7 +106,9 @@ class ActorPool:
 
     Scales between ``min_size`` and ``max_size``: a block that finds every actor busy
     starts a new one at once (Ray queues the call until it is constructed), and an actor
-    idle for ``idle_s`` is stopped while more than ``min_size`` remain.
+    idle for ``idle_s`` is stopped while more than ``min_size`` remain. An actor whose
+    blocks fail ``RETIRE_AFTER`` times within ``RETIRE_WINDOW_S`` gets no more work: it is
+    stopped and a fresh one takes its place (a poisoned model, a broken device, a leak).
     """
 
     def __init__(
@@ -115,6 +122,8 @@ class ActorPool:
         self.actors = [factory() for _ in range(min_size)]
         self._idle: deque[tuple[Any, float]] = deque((a, time.monotonic()) for a in self.actors)
         self.started = len(self.actors)
+        self.retired = 0
+        self._strikes: dict[Any, deque[float]] = {}
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until every actor is constructed. Raises naming the stage."""
@@ -143,13 +152,25 @@ class ActorPool:
         self.started += 1
         return actor
 
-    def release(self, actor: Any) -> None:
-        self._idle.append((actor, time.monotonic()))
+    def release(self, actor: Any, failed: bool = False) -> None:
+        """Take an actor back after a block; one that failed too often is retired instead."""
+        now = time.monotonic()
+        if failed:
+            strikes = self._strikes.setdefault(actor, deque())
+            strikes.append(now)
+            while now - strikes[0] > RETIRE_WINDOW_S:
+                strikes.popleft()
+            if len(strikes) >= RETIRE_AFTER:
+                self.retired += 1
+                self.replace(actor)
+                return
+        self._idle.append((actor, now))
 
     def replace(self, actor: Any) -> None:
         """Drop a dead or hung actor; the pool starts a new one when a block needs it."""
         ray.kill(actor, no_restart=True)
         self.actors.remove(actor)
+        self._strikes.pop(actor, None)
         self._idle = deque(entry for entry in self._idle if entry[0] is not actor)
 
     def shrink(self) -> None:
@@ -158,6 +179,7 @@ class ActorPool:
         while self._idle and len(self.actors) > self.min_size and now - self._idle[0][1] > self.idle_s:
             actor, _ = self._idle.popleft()
             self.actors.remove(actor)
+            self._strikes.pop(actor, None)
             ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
@@ -268,6 +290,10 @@ class RayBackend:
         lost, self._lost = self._lost, []
         return lost
 
+    def retired_actors(self, step: int) -> int:
+        pool = self._pools.get(step)
+        return pool.retired if pool is not None else 0
+
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:
             self._servers_at = time.monotonic()
@@ -302,7 +328,7 @@ class RayBackend:
             outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}", retryable=True)
         else:
             if actor is not None:
-                self._pools[d.step].release(actor)
+                self._pools[d.step].release(actor, failed=not outcome.ok)
         return None if discarded else (d, outcome)
 
     def can_add(self, step: int) -> bool:

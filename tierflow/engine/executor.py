@@ -335,6 +335,8 @@ class Executor:
         for view, c in zip(self.views, state.counters):
             view.done, view.inflight, view.queued = c.done, c.inflight, c.queued
             view.reexecutions = c.reexecutions
+        for step, view in enumerate(self.views[:-1]):
+            view.retired_actors = self.backend.retired_actors(step)
             if view.done >= view.total and view.finished is None:
                 view.finished = now
 
@@ -347,6 +349,7 @@ class Executor:
                 "reexecutions": v.reexecutions, "dead_letters": v.dead_letters,
                 "dead_letter_rows": v.dead_letter_rows, "timeouts": v.timeouts,
                 "speculated": v.speculated, "excluded_nodes": v.excluded_nodes,
+                "retired_actors": v.retired_actors,
                 "rows_out": v.rows_out, "busy_s": round(v.busy_s, 3),
             }
             if i < len(self.plan.stages):

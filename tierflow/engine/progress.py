@@ -32,6 +32,7 @@ class StepView:
     dead_letter_rows: int = 0
     timeouts: int = 0
     speculated: int = 0
+    retired_actors: int = 0
     excluded_nodes: list[str] = field(default_factory=list)
     busy_s: float = 0.0
     failed: bool = False
@@ -54,6 +55,7 @@ class StepView:
         counts = (
             ("re-executed", self.reexecutions), ("timed out", self.timeouts), ("speculated", self.speculated),
             ("dead blocks", self.dead_letters), ("dead rows", self.dead_letter_rows),
+            ("actors retired", self.retired_actors),
         )
         parts = [f"{label} {n}" for label, n in counts if n]
         if self.excluded_nodes:
