@@ -70,7 +70,8 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor, 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tierflow.triton.client import TritonStageClient, column_to_tensor  # noqa: E402
+from tierflow.triton.client import TritonStageClient  # noqa: E402
+from tierflow.triton.convert import column_to_tensor  # noqa: E402
 from tierflow.triton.repository import spec_from_config  # noqa: E402
 from tierflow.triton.server import TritonServer  # noqa: E402
 

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pytest
 
 from tierflow.errors import ModelError, TritonUnavailable
-from tierflow.triton.client import RetryPolicy, TritonStageClient
+from tierflow.triton.client import TritonStageClient
+from tierflow.triton.endpoints import RetryPolicy
 from tierflow.triton.server import TritonServer, _free_port
 
 pytestmark = pytest.mark.triton

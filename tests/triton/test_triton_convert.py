@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from tierflow.errors import ModelError
-from tierflow.triton.client import column_to_tensor, tensor_to_column
+from tierflow.triton.convert import column_to_tensor, tensor_to_column
 from tierflow.triton.repository import TensorSpec
 
 

@@ -24,13 +24,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from tierflow.errors import InferenceError, ModelError, TritonUnavailable
-from tierflow.triton.client import (
-    STATUS_ERRORS,
-    EndpointStats,
-    RetryPolicy,
-    TritonStageClient,
-    map_triton_errors,
-)
+from tierflow.triton.client import STATUS_ERRORS, TritonStageClient, map_triton_errors
+from tierflow.triton.endpoints import EndpointStats, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[2] / "triton_models"
 URL = "fake:8001"

@@ -25,7 +25,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tierflow.errors import TritonUnavailable
-from tierflow.triton.client import EndpointStats, RetryPolicy, TritonStageClient
+from tierflow.triton.client import TritonStageClient
+from tierflow.triton.endpoints import EndpointStats, RetryPolicy
 from tierflow.triton.server import TritonServer, _free_port
 
 pytestmark = pytest.mark.triton

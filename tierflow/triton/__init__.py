@@ -2,20 +2,17 @@
 
 * :mod:`~tierflow.triton.repository` reads ``triton_models/`` (specs, digests) offline.
 * :mod:`~tierflow.triton.server` runs the ``tritonserver`` bundled in ``nvidia-pytriton``.
-* :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC, on one
-  server or balanced over several with failover; the one place ``tritonclient`` errors
-  become tierflow errors.
+* :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC; the one
+  place ``tritonclient`` errors become tierflow errors.
+* :mod:`~tierflow.triton.endpoints` balances calls over one or more servers, takes a
+  failing one out of rotation, and holds the retry policy.
+* :mod:`~tierflow.triton.convert` turns Arrow columns into tensors and back.
 """
 
 from __future__ import annotations
 
-from tierflow.triton.client import (
-    STATUS_ERRORS,
-    EndpointStats,
-    RetryPolicy,
-    TritonStageClient,
-    map_triton_errors,
-)
+from tierflow.triton.client import STATUS_ERRORS, TritonStageClient, map_triton_errors
+from tierflow.triton.endpoints import EndpointStats, RetryPolicy
 from tierflow.triton.repository import (
     ModelSpec,
     TensorSpec,

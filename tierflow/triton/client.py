@@ -30,52 +30,35 @@ Usage::
     )
     table = client.infer_table(table)     # + "probs" fixed_size_list<float>[4], "label" int64
 
-Column <-> tensor conventions (``dims`` exclude the batch dimension; ``n`` rows):
-
-* scalar column (int/float/bool) -> dims ``[1]`` as ``[n, 1]``, cast safely to the
-  tensor's dtype if it differs (an unsafe cast is a ``ModelError``);
-* ``fixed_size_list<T>[d]`` (or ``list<T>`` with every row of length ``d``) -> dims with
-  ``prod(dims) == d`` (one ``-1`` is filled in) as ``[n, *dims]``;
-* ``string``/``binary`` -> BYTES dims ``[1]`` as ``[n, 1]`` ``np.object_`` of ``bytes``;
-* nulls are a ``ModelError`` (a tensor cannot carry them).
-
-Outputs: dims ``[1]`` become a scalar column, other dims a ``fixed_size_list`` of the
-flattened row (value type from the tensor's dtype), BYTES a ``binary`` column.
+Columns become tensors and tensors columns in :mod:`tierflow.triton.convert`; endpoints,
+their health and :class:`RetryPolicy` live in :mod:`tierflow.triton.endpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import queue
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+from tritonclient.utils import InferenceServerException
 
 from tierflow.errors import InferenceError, ModelError, TritonUnavailable
-from tierflow.triton.repository import ModelSpec, TensorSpec, spec_from_config
+from tierflow.triton.convert import column_to_tensor, numpy_dtype, tensor_to_column
+from tierflow.triton.endpoints import Endpoint, EndpointPool, EndpointStats, RetryPolicy
+from tierflow.triton.repository import ModelSpec, spec_from_config
 
-__all__ = [
-    "STATUS_ERRORS",
-    "EndpointStats",
-    "RetryPolicy",
-    "TritonStageClient",
-    "map_triton_errors",
-]
+__all__ = ["STATUS_ERRORS", "TritonStageClient", "map_triton_errors"]
 
 _S = grpc.StatusCode
 
@@ -148,173 +131,6 @@ def map_triton_errors(url: str, model: str) -> Iterator[None]:
         raise TritonUnavailable(url, f"connection failed: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """What a :class:`TritonStageClient` does about :class:`~tierflow.errors.TritonUnavailable`.
-
-    * **Failover.** The endpoint that failed is taken out of rotation for a cool-down,
-      ``min(max_cooldown_s, cooldown_s * 2**(k-1))`` after its ``k``-th failure in a row,
-      and the request goes to another endpoint at once, without a pause.
-    * **Backoff and readiness.** When every endpoint is out, the request waits
-      ``min(max_delay_s, base_delay_s * 2**(k-1))`` before retry ``k`` (1-based), shortened
-      by up to ``jitter`` of itself at random so that many clients do not retry in
-      lock-step, then polls the endpoints' ``is_model_ready`` and resends as soon as one
-      says ready; a restarted server is used the moment its model is loaded. The wait
-      ends in failure after ``ready_timeout_s``.
-    * **Bound.** A request is sent at most ``max_attempts`` times in all, failovers included.
-
-    >>> [RetryPolicy(5, 0.1, 0.5, jitter=0.0).delay_s(k) for k in range(1, 5)]
-    [0.1, 0.2, 0.4, 0.5]
-    >>> [RetryPolicy(cooldown_s=1.0, max_cooldown_s=30.0).cooldown_for(k) for k in (1, 2, 6)]
-    [1.0, 2.0, 30.0]
-
-    Attributes:
-        max_attempts: Sends per request, the first included (1 = never retry).
-        base_delay_s: Backoff before the first retry when no endpoint is in rotation.
-        max_delay_s: Cap on any single backoff.
-        jitter: Fraction of each backoff drawn at random, in ``[0, 1]``.
-        ready_timeout_s: Longest wait, per retry, for some endpoint to report the model ready
-            while every endpoint is out of rotation; 0 = do not poll, resend after the backoff.
-        cooldown_s: Time out of rotation after an endpoint's first failure.
-        max_cooldown_s: Cap on the cool-down.
-    """
-
-    max_attempts: int = 5
-    base_delay_s: float = 0.05
-    max_delay_s: float = 2.0
-    jitter: float = 0.5
-    ready_timeout_s: float = 60.0
-    cooldown_s: float = 1.0
-    max_cooldown_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.base_delay_s < 0 or self.max_delay_s < self.base_delay_s:
-            raise ValueError(
-                "need 0 <= base_delay_s <= max_delay_s, "
-                f"got {self.base_delay_s}, {self.max_delay_s}"
-            )
-        if not 0.0 <= self.jitter <= 1.0:
-            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
-        if self.ready_timeout_s < 0:
-            raise ValueError(f"ready_timeout_s must be >= 0, got {self.ready_timeout_s}")
-        if self.cooldown_s < 0 or self.max_cooldown_s < self.cooldown_s:
-            raise ValueError(
-                "need 0 <= cooldown_s <= max_cooldown_s, "
-                f"got {self.cooldown_s}, {self.max_cooldown_s}"
-            )
-
-    def delay_s(self, retry: int, u: float = 0.0) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based), given ``u`` in [0, 1)."""
-        capped = min(self.max_delay_s, self.base_delay_s * 2.0 ** (retry - 1))
-        return capped * (1.0 - self.jitter * u)
-
-    def cooldown_for(self, strikes: int) -> float:
-        """Seconds out of rotation after an endpoint's ``strikes``-th failure in a row."""
-        return min(self.max_cooldown_s, self.cooldown_s * 2.0 ** (strikes - 1))
-
-
-# --------------------------------------------------------------------------- conversions
-
-
-def _np_dtype(spec: TensorSpec) -> np.dtype[Any]:
-    return (
-        np.dtype(np.object_) if spec.dtype == "BYTES" else np.dtype(triton_to_np_dtype(spec.dtype))
-    )
-
-
-def _resolve_dims(dims: tuple[int, ...], width: int) -> tuple[int, ...] | None:
-    """Fill one ``-1`` so that ``prod(dims) == width``; ``None`` if impossible."""
-    known = math.prod(d for d in dims if d >= 0)
-    free = [i for i, d in enumerate(dims) if d < 0]
-    if not free:
-        return dims if known == width else None
-    if len(free) > 1 or known == 0 or width % known:
-        return None
-    return tuple(width // known if d < 0 else d for d in dims)
-
-
-def column_to_tensor(
-    column: pa.ChunkedArray | pa.Array, spec: TensorSpec, model: str, name: str
-) -> np.ndarray:
-    """Convert an Arrow column to the ``[n, *dims]`` array ``spec`` asks for.
-
-    Zero-copy for numeric columns without nulls that already have the tensor's type and sit
-    in one chunk; otherwise one cast or concatenation.
-
-    Raises:
-        ModelError: Nulls, an impossible cast, or a width that does not match ``dims``.
-    """
-    arr = column
-    if isinstance(column, pa.ChunkedArray):
-        # combine_chunks() copies even a single chunk (pyarrow 25); take that chunk as is.
-        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    n = len(arr)
-    where = f"column {name!r} -> tensor {spec.name!r}"
-    if arr.null_count:
-        raise ModelError(
-            model, f"{where}: {arr.null_count} null value(s); tensors cannot hold nulls"
-        )
-    typ = arr.type
-    if pa.types.is_fixed_size_list(typ):
-        width, values = typ.list_size, arr.flatten()
-    elif pa.types.is_list(typ) or pa.types.is_large_list(typ):
-        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-        width = int(lengths[0]) if n else 0
-        if n and not np.all(lengths == width):
-            raise ModelError(
-                model,
-                f"{where}: list lengths differ between rows ({lengths.min()}..{lengths.max()})",
-            )
-        values = arr.flatten()
-    else:
-        width, values = 1, arr
-    if values.null_count:
-        raise ModelError(model, f"{where}: null values inside lists; tensors cannot hold nulls")
-    dims = _resolve_dims(spec.dims, width)
-    if dims is None:
-        raise ModelError(
-            model, f"{where}: {width} value(s) per row cannot fill dims {list(spec.dims)}"
-        )
-
-    if spec.dtype == "BYTES":
-        vtype = values.type
-        if pa.types.is_string(vtype) or pa.types.is_large_string(vtype):
-            # Cast to binary so NumPy gets bytes objects, not str (no decode + re-encode).
-            values = values.cast(
-                pa.large_binary() if pa.types.is_large_string(vtype) else pa.binary()
-            )
-        elif not (pa.types.is_binary(vtype) or pa.types.is_large_binary(vtype)):
-            raise ModelError(model, f"{where}: tensor is BYTES but the column holds {vtype}")
-        out = values.to_numpy(zero_copy_only=False)
-    else:
-        np_dtype = _np_dtype(spec)
-        target = pa.from_numpy_dtype(np_dtype)
-        if values.type != target:
-            try:
-                values = values.cast(target, safe=True)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise ModelError(
-                    model, f"{where}: cannot cast {values.type} to {spec.dtype}: {exc}"
-                ) from exc
-        out = values.to_numpy(zero_copy_only=False)
-    return out.reshape((n, *dims))
-
-
-def tensor_to_column(array: np.ndarray, spec: TensorSpec) -> pa.Array:
-    """Convert a ``[n, *dims]`` output array to an Arrow column (see module table)."""
-    width = math.prod(array.shape[1:])
-    if spec.dtype == "BYTES":
-        flat = pa.array(array.reshape(-1), type=pa.binary())
-    else:
-        flat = pa.array(np.ascontiguousarray(array).reshape(-1))
-    if spec.dims == (1,):
-        return flat
-    return pa.FixedSizeListArray.from_arrays(flat, width)
-
-
-# --------------------------------------------------------------------------- endpoints
 
 _log = logging.getLogger(__name__)
 
@@ -327,237 +143,6 @@ _PROBE_TIMEOUT_S = 2.0
 
 def _default_factory(url: str) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(url)
-
-
-EndpointState = Literal["healthy", "trial", "out"]
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointStats:
-    """One endpoint of a :class:`TritonStageClient`, as :meth:`~TritonStageClient.endpoint_stats`
-    reports it. Counters start when the client is built (or unpickled) in this process.
-
-    Attributes:
-        url: The endpoint's gRPC address.
-        state: ``"healthy"`` (in rotation), ``"out"`` (cooling down after a failure) or
-            ``"trial"`` (back from a cool-down or a readiness poll: one request at a time
-            until one succeeds).
-        in_flight: Calls sent to it and not yet answered.
-        sent: Calls sent to it (inference requests and the config fetch; each retry counts).
-        succeeded: Calls it answered (an answer that is a model error counts too).
-        failed: Calls that failed with a retryable error.
-        removals: Times it was taken out of rotation.
-        last_error: The reason of its last retryable failure, ``""`` if none.
-    """
-
-    url: str
-    state: EndpointState
-    in_flight: int
-    sent: int
-    succeeded: int
-    failed: int
-    removals: int
-    last_error: str
-
-
-class _Endpoint:
-    """One URL: its lazily built gRPC client and its health. Guarded by the pool's lock."""
-
-    __slots__ = (
-        "client",
-        "down_until",
-        "epoch",
-        "failed",
-        "in_flight",
-        "last_error",
-        "pid",
-        "removals",
-        "sent",
-        "strikes",
-        "succeeded",
-        "trial_busy",
-        "url",
-    )
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.client: Any = None
-        self.pid: int | None = None
-        self.in_flight = 0
-        self.strikes = 0  # failures in a row; > 0 means out or on trial
-        self.down_until = 0.0  # out of rotation until then (clock time)
-        self.epoch = 0  # bumped when taken out: failures of calls sent before are the same outage
-        self.trial_busy = False  # on trial, and its one call is in flight
-        self.sent = self.succeeded = self.failed = self.removals = 0
-        self.last_error = ""
-
-
-class _EndpointPool:
-    """Where the next call goes, and which endpoints are out of rotation. Thread-safe.
-
-    An endpoint is *healthy* (takes any number of calls), *out* (skipped until its
-    cool-down ends) or on *trial* (cool-down over, or a readiness poll said ready: one call
-    at a time, and its success makes the endpoint healthy again, its failure sends it out
-    for twice as long). Picking is least-in-flight among the available endpoints, ties
-    broken round robin, so a slow endpoint gets fewer calls.
-
-    A failure takes an endpoint out once per outage: every call records the endpoint's
-    epoch when sent, and only a failure of a call sent in the current epoch counts a strike
-    (the calls that were in flight when the server died fail too, but they are the same
-    event).
-    """
-
-    def __init__(
-        self,
-        urls: tuple[str, ...],
-        factory: Callable[[str], Any],
-        policy: RetryPolicy,
-        clock: Callable[[], float],
-    ) -> None:
-        self.endpoints = [_Endpoint(url) for url in urls]
-        self._factory = factory
-        self._policy = policy
-        self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
-        self._next = 0  # round-robin start
-
-    def _available(self, ep: _Endpoint, now: float) -> bool:
-        if ep.strikes == 0:
-            return True
-        return now >= ep.down_until and not ep.trial_busy
-
-    def _settle(self, ep: _Endpoint, epoch: int) -> None:
-        # Calls still in flight from before the endpoint went out (old epoch) do not hold up
-        # its trial: they may be hung on a dead connection until their deadline.
-        ep.in_flight -= 1
-        if epoch == ep.epoch:
-            ep.trial_busy = False
-
-    def client(self, ep: _Endpoint) -> Any:
-        """``ep``'s gRPC client, built on first use in this process."""
-        with self._cond:
-            # A client inherited across fork() hangs or fails (server#7690): rebuild it.
-            if ep.client is None or ep.pid != os.getpid():
-                ep.client = self._factory(ep.url)
-                ep.pid = os.getpid()
-            return ep.client
-
-    def acquire(self) -> tuple[_Endpoint, int] | None:
-        """Pick an endpoint for one call and count it in flight; ``None`` if none can take it.
-
-        Returns:
-            The endpoint and its epoch (hand both back to :meth:`succeeded`,
-            :meth:`failed` or :meth:`dropped`).
-        """
-        with self._cond:
-            now = self._clock()
-            n = len(self.endpoints)
-            best: int | None = None
-            for k in range(n):
-                j = (self._next + k) % n
-                ep = self.endpoints[j]
-                if self._available(ep, now) and (
-                    best is None or ep.in_flight < self.endpoints[best].in_flight
-                ):
-                    best = j
-            if best is None:
-                return None
-            self._next = (best + 1) % n
-            ep = self.endpoints[best]
-            ep.in_flight += 1
-            ep.sent += 1
-            ep.trial_busy = ep.strikes > 0
-            return ep, ep.epoch
-
-    def succeeded(self, ep: _Endpoint, epoch: int) -> None:
-        """The call answered: a call sent in the current epoch makes the endpoint healthy."""
-        with self._cond:
-            self._settle(ep, epoch)
-            ep.succeeded += 1
-            if epoch == ep.epoch and ep.strikes:
-                ep.strikes = 0
-                _log.info("Triton endpoint %s is back in rotation", ep.url)
-            self._cond.notify_all()
-
-    def failed(self, ep: _Endpoint, epoch: int, reason: str) -> None:
-        """The call failed retryably: take the endpoint out unless this outage already did."""
-        with self._cond:
-            self._settle(ep, epoch)
-            ep.failed += 1
-            ep.last_error = reason
-            if epoch == ep.epoch:
-                ep.strikes += 1
-                ep.epoch += 1
-                ep.removals += 1
-                cooldown = self._policy.cooldown_for(ep.strikes)
-                ep.down_until = self._clock() + cooldown
-                _log.warning(
-                    "Triton endpoint %s out of rotation for %.3gs (failure %d in a row): %s",
-                    ep.url,
-                    cooldown,
-                    ep.strikes,
-                    reason,
-                )
-            self._cond.notify_all()
-
-    def dropped(self, ep: _Endpoint, epoch: int) -> None:
-        """The call was abandoned (cancelled while raising): neither success nor failure."""
-        with self._cond:
-            self._settle(ep, epoch)
-            self._cond.notify_all()
-
-    def readmit(self, ep: _Endpoint) -> None:
-        """A readiness poll said ready: end the cool-down (the endpoint goes on trial)."""
-        with self._cond:
-            ep.down_until = min(ep.down_until, self._clock())
-            self._cond.notify_all()
-
-    def all_out(self) -> bool:
-        """Whether every endpoint is cooling down (a trial endpoint that is busy is not out)."""
-        with self._cond:
-            now = self._clock()
-            return all(ep.strikes and now < ep.down_until for ep in self.endpoints)
-
-    def wait(self, timeout_s: float) -> None:
-        """Block until some call ends or an endpoint is readmitted, at most ``timeout_s``."""
-        with self._cond:
-            now = self._clock()
-            if not any(self._available(ep, now) for ep in self.endpoints):
-                self._cond.wait(timeout_s)
-
-    def by_cooldown_end(self) -> list[_Endpoint]:
-        """Every endpoint, the one whose cool-down ends first first."""
-        with self._cond:
-            return sorted(self.endpoints, key=lambda ep: ep.down_until)
-
-    def stats(self) -> tuple[EndpointStats, ...]:
-        with self._cond:
-            now = self._clock()
-            return tuple(
-                EndpointStats(
-                    url=ep.url,
-                    state="healthy"
-                    if ep.strikes == 0
-                    else ("out" if now < ep.down_until else "trial"),
-                    in_flight=ep.in_flight,
-                    sent=ep.sent,
-                    succeeded=ep.succeeded,
-                    failed=ep.failed,
-                    removals=ep.removals,
-                    last_error=ep.last_error,
-                )
-                for ep in self.endpoints
-            )
-
-    def close(self) -> None:
-        with self._cond:
-            clients = [(ep.client, ep.pid) for ep in self.endpoints]
-            for ep in self.endpoints:
-                ep.client = None
-        for client, pid in clients:
-            if client is not None and pid == os.getpid():
-                with contextlib.suppress(Exception):
-                    client.close()
 
 
 # --------------------------------------------------------------------------- the client
@@ -644,7 +229,7 @@ class TritonStageClient:
         self._init_transient()
 
     def _init_transient(self) -> None:
-        self._pool = _EndpointPool(self.urls, self.client_factory, self.retry, self.clock)
+        self._pool = EndpointPool(self.urls, self.client_factory, self.retry, self.clock)
         self._spec_lock = threading.Lock()
         self._rng = random.Random()
 
@@ -851,7 +436,7 @@ class TritonStageClient:
                 )
             else:
                 dims = tuple(max(d, 1) for d in out_spec.dims)
-                array = np.empty((0, *dims), dtype=_np_dtype(out_spec))
+                array = np.empty((0, *dims), dtype=numpy_dtype(out_spec))
             table = table.append_column(column, tensor_to_column(array, out_spec))
         return table
 
@@ -887,7 +472,7 @@ class TritonStageClient:
         done: queue.SimpleQueue[tuple[int, Any, Any]] = queue.SimpleQueue()
         pending: deque[int] = deque(range(len(bounds)))
         attempts = [0] * len(bounds)
-        calls: dict[int, tuple[Any, _Endpoint, int]] = {}  # request -> (call, endpoint, epoch)
+        calls: dict[int, tuple[Any, Endpoint, int]] = {}  # request -> (call, endpoint, epoch)
         remaining = len(bounds)
         last_reason = ""
         try:

@@ -1,0 +1,319 @@
+"""Where a Triton stage's requests go: the endpoints, their health, and the retry policy.
+
+:class:`EndpointPool` balances calls over one or more gRPC endpoints serving the same
+model (least in flight, ties round robin) and takes one that fails out of rotation for an
+exponential cool-down; :class:`RetryPolicy` says how long to wait and how often to resend.
+No gRPC here: the pool hands out endpoints and keeps score; the client makes the calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Endpoint", "EndpointPool", "EndpointState", "EndpointStats", "RetryPolicy"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """What a :class:`TritonStageClient` does about :class:`~tierflow.errors.TritonUnavailable`.
+
+    * **Failover.** The endpoint that failed is taken out of rotation for a cool-down,
+      ``min(max_cooldown_s, cooldown_s * 2**(k-1))`` after its ``k``-th failure in a row,
+      and the request goes to another endpoint at once, without a pause.
+    * **Backoff and readiness.** When every endpoint is out, the request waits
+      ``min(max_delay_s, base_delay_s * 2**(k-1))`` before retry ``k`` (1-based), shortened
+      by up to ``jitter`` of itself at random so that many clients do not retry in
+      lock-step, then polls the endpoints' ``is_model_ready`` and resends as soon as one
+      says ready; a restarted server is used the moment its model is loaded. The wait
+      ends in failure after ``ready_timeout_s``.
+    * **Bound.** A request is sent at most ``max_attempts`` times in all, failovers included.
+
+    >>> [RetryPolicy(5, 0.1, 0.5, jitter=0.0).delay_s(k) for k in range(1, 5)]
+    [0.1, 0.2, 0.4, 0.5]
+    >>> [RetryPolicy(cooldown_s=1.0, max_cooldown_s=30.0).cooldown_for(k) for k in (1, 2, 6)]
+    [1.0, 2.0, 30.0]
+
+    Attributes:
+        max_attempts: Sends per request, the first included (1 = never retry).
+        base_delay_s: Backoff before the first retry when no endpoint is in rotation.
+        max_delay_s: Cap on any single backoff.
+        jitter: Fraction of each backoff drawn at random, in ``[0, 1]``.
+        ready_timeout_s: Longest wait, per retry, for some endpoint to report the model ready
+            while every endpoint is out of rotation; 0 = do not poll, resend after the backoff.
+        cooldown_s: Time out of rotation after an endpoint's first failure.
+        max_cooldown_s: Cap on the cool-down.
+    """
+
+    max_attempts: int = 5
+    base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+    jitter: float = 0.5
+    ready_timeout_s: float = 60.0
+    cooldown_s: float = 1.0
+    max_cooldown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.base_delay_s < 0 or self.max_delay_s < self.base_delay_s:
+            raise ValueError(
+                "need 0 <= base_delay_s <= max_delay_s, "
+                f"got {self.base_delay_s}, {self.max_delay_s}"
+            )
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.ready_timeout_s < 0:
+            raise ValueError(f"ready_timeout_s must be >= 0, got {self.ready_timeout_s}")
+        if self.cooldown_s < 0 or self.max_cooldown_s < self.cooldown_s:
+            raise ValueError(
+                "need 0 <= cooldown_s <= max_cooldown_s, "
+                f"got {self.cooldown_s}, {self.max_cooldown_s}"
+            )
+
+    def delay_s(self, retry: int, u: float = 0.0) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based), given ``u`` in [0, 1)."""
+        capped = min(self.max_delay_s, self.base_delay_s * 2.0 ** (retry - 1))
+        return capped * (1.0 - self.jitter * u)
+
+    def cooldown_for(self, strikes: int) -> float:
+        """Seconds out of rotation after an endpoint's ``strikes``-th failure in a row."""
+        return min(self.max_cooldown_s, self.cooldown_s * 2.0 ** (strikes - 1))
+
+
+EndpointState = Literal["healthy", "trial", "out"]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """One endpoint of a :class:`TritonStageClient`, as :meth:`~TritonStageClient.endpoint_stats`
+    reports it. Counters start when the client is built (or unpickled) in this process.
+
+    Attributes:
+        url: The endpoint's gRPC address.
+        state: ``"healthy"`` (in rotation), ``"out"`` (cooling down after a failure) or
+            ``"trial"`` (back from a cool-down or a readiness poll: one request at a time
+            until one succeeds).
+        in_flight: Calls sent to it and not yet answered.
+        sent: Calls sent to it (inference requests and the config fetch; each retry counts).
+        succeeded: Calls it answered (an answer that is a model error counts too).
+        failed: Calls that failed with a retryable error.
+        removals: Times it was taken out of rotation.
+        last_error: The reason of its last retryable failure, ``""`` if none.
+    """
+
+    url: str
+    state: EndpointState
+    in_flight: int
+    sent: int
+    succeeded: int
+    failed: int
+    removals: int
+    last_error: str
+
+
+class Endpoint:
+    """One URL: its lazily built gRPC client and its health. Guarded by the pool's lock."""
+
+    __slots__ = (
+        "client",
+        "down_until",
+        "epoch",
+        "failed",
+        "in_flight",
+        "last_error",
+        "pid",
+        "removals",
+        "sent",
+        "strikes",
+        "succeeded",
+        "trial_busy",
+        "url",
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client: Any = None
+        self.pid: int | None = None
+        self.in_flight = 0
+        self.strikes = 0  # failures in a row; > 0 means out or on trial
+        self.down_until = 0.0  # out of rotation until then (clock time)
+        self.epoch = 0  # bumped when taken out: failures of calls sent before are the same outage
+        self.trial_busy = False  # on trial, and its one call is in flight
+        self.sent = self.succeeded = self.failed = self.removals = 0
+        self.last_error = ""
+
+
+class EndpointPool:
+    """Where the next call goes, and which endpoints are out of rotation. Thread-safe.
+
+    An endpoint is *healthy* (takes any number of calls), *out* (skipped until its
+    cool-down ends) or on *trial* (cool-down over, or a readiness poll said ready: one call
+    at a time, and its success makes the endpoint healthy again, its failure sends it out
+    for twice as long). Picking is least-in-flight among the available endpoints, ties
+    broken round robin, so a slow endpoint gets fewer calls.
+
+    A failure takes an endpoint out once per outage: every call records the endpoint's
+    epoch when sent, and only a failure of a call sent in the current epoch counts a strike
+    (the calls that were in flight when the server died fail too, but they are the same
+    event).
+    """
+
+    def __init__(
+        self,
+        urls: tuple[str, ...],
+        factory: Callable[[str], Any],
+        policy: RetryPolicy,
+        clock: Callable[[], float],
+    ) -> None:
+        self.endpoints = [Endpoint(url) for url in urls]
+        self._factory = factory
+        self._policy = policy
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # round-robin start
+
+    def _available(self, ep: Endpoint, now: float) -> bool:
+        if ep.strikes == 0:
+            return True
+        return now >= ep.down_until and not ep.trial_busy
+
+    def _settle(self, ep: Endpoint, epoch: int) -> None:
+        # Calls still in flight from before the endpoint went out (old epoch) do not hold up
+        # its trial: they may be hung on a dead connection until their deadline.
+        ep.in_flight -= 1
+        if epoch == ep.epoch:
+            ep.trial_busy = False
+
+    def client(self, ep: Endpoint) -> Any:
+        """``ep``'s gRPC client, built on first use in this process."""
+        with self._cond:
+            # A client inherited across fork() hangs or fails (server#7690): rebuild it.
+            if ep.client is None or ep.pid != os.getpid():
+                ep.client = self._factory(ep.url)
+                ep.pid = os.getpid()
+            return ep.client
+
+    def acquire(self) -> tuple[Endpoint, int] | None:
+        """Pick an endpoint for one call and count it in flight; ``None`` if none can take it.
+
+        Returns:
+            The endpoint and its epoch (hand both back to :meth:`succeeded`,
+            :meth:`failed` or :meth:`dropped`).
+        """
+        with self._cond:
+            now = self._clock()
+            n = len(self.endpoints)
+            best: int | None = None
+            for k in range(n):
+                j = (self._next + k) % n
+                ep = self.endpoints[j]
+                if self._available(ep, now) and (
+                    best is None or ep.in_flight < self.endpoints[best].in_flight
+                ):
+                    best = j
+            if best is None:
+                return None
+            self._next = (best + 1) % n
+            ep = self.endpoints[best]
+            ep.in_flight += 1
+            ep.sent += 1
+            ep.trial_busy = ep.strikes > 0
+            return ep, ep.epoch
+
+    def succeeded(self, ep: Endpoint, epoch: int) -> None:
+        """The call answered: a call sent in the current epoch makes the endpoint healthy."""
+        with self._cond:
+            self._settle(ep, epoch)
+            ep.succeeded += 1
+            if epoch == ep.epoch and ep.strikes:
+                ep.strikes = 0
+                _log.info("Triton endpoint %s is back in rotation", ep.url)
+            self._cond.notify_all()
+
+    def failed(self, ep: Endpoint, epoch: int, reason: str) -> None:
+        """The call failed retryably: take the endpoint out unless this outage already did."""
+        with self._cond:
+            self._settle(ep, epoch)
+            ep.failed += 1
+            ep.last_error = reason
+            if epoch == ep.epoch:
+                ep.strikes += 1
+                ep.epoch += 1
+                ep.removals += 1
+                cooldown = self._policy.cooldown_for(ep.strikes)
+                ep.down_until = self._clock() + cooldown
+                _log.warning(
+                    "Triton endpoint %s out of rotation for %.3gs (failure %d in a row): %s",
+                    ep.url,
+                    cooldown,
+                    ep.strikes,
+                    reason,
+                )
+            self._cond.notify_all()
+
+    def dropped(self, ep: Endpoint, epoch: int) -> None:
+        """The call was abandoned (cancelled while raising): neither success nor failure."""
+        with self._cond:
+            self._settle(ep, epoch)
+            self._cond.notify_all()
+
+    def readmit(self, ep: Endpoint) -> None:
+        """A readiness poll said ready: end the cool-down (the endpoint goes on trial)."""
+        with self._cond:
+            ep.down_until = min(ep.down_until, self._clock())
+            self._cond.notify_all()
+
+    def all_out(self) -> bool:
+        """Whether every endpoint is cooling down (a trial endpoint that is busy is not out)."""
+        with self._cond:
+            now = self._clock()
+            return all(ep.strikes and now < ep.down_until for ep in self.endpoints)
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until some call ends or an endpoint is readmitted, at most ``timeout_s``."""
+        with self._cond:
+            now = self._clock()
+            if not any(self._available(ep, now) for ep in self.endpoints):
+                self._cond.wait(timeout_s)
+
+    def by_cooldown_end(self) -> list[Endpoint]:
+        """Every endpoint, the one whose cool-down ends first first."""
+        with self._cond:
+            return sorted(self.endpoints, key=lambda ep: ep.down_until)
+
+    def stats(self) -> tuple[EndpointStats, ...]:
+        with self._cond:
+            now = self._clock()
+            return tuple(
+                EndpointStats(
+                    url=ep.url,
+                    state="healthy"
+                    if ep.strikes == 0
+                    else ("out" if now < ep.down_until else "trial"),
+                    in_flight=ep.in_flight,
+                    sent=ep.sent,
+                    succeeded=ep.succeeded,
+                    failed=ep.failed,
+                    removals=ep.removals,
+                    last_error=ep.last_error,
+                )
+                for ep in self.endpoints
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            clients = [(ep.client, ep.pid) for ep in self.endpoints]
+            for ep in self.endpoints:
+                ep.client = None
+        for client, pid in clients:
+            if client is not None and pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    client.close()
