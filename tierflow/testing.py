@@ -84,6 +84,12 @@ class InlineBackend:
     def retired_actors(self, step: int) -> int:
         return 0
 
+    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
+        pass
+
+    def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
+        return []
+
     def flush(self, prefix: str) -> int:
         return 0
 

@@ -168,3 +168,60 @@ def test_durable_put_places_replicas_minus_one_copies_and_delete_reaches_peers(
     peer = held[1].split(":", 1)[1]
     server = ray.get_actor(server_name(peer), namespace=NAMESPACE)
     assert ray.get(server.contains.remote(KEY)) is False
+
+
+@pytest.mark.ray
+def test_rereplicate_restores_the_copies_a_lost_node_held(cluster: Any, tmp_path: Path) -> None:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tierflow.cache.node_server import alive_nodes, start_cache_servers
+
+    c, _ = cluster
+    a, b, d = (c.add_node(num_cpus=1) for _ in range(3))
+    c.wait_for_nodes()
+    settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store",
+                             replicas=2, lmdb_map_size=1 << 30)
+    start_cache_servers(settings)
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node:__internal_head__"))
+    # a key whose first peer from a's point of view is a removable node, not the head
+    peers_of_a = [n for n in alive_nodes() if n != a.node_id]
+    key = next(k for k in (f"demo/3f9a1c0e/clean/{i:06d}" for i in range(100))
+               if rendezvous(k, peers_of_a)[0] != head)
+    pin = lambda n: NodeAffinitySchedulingStrategy(n, soft=False)  # noqa: E731
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def write(settings: CacheSettings, key: str) -> Any:
+        from tierflow.cache import get_cache
+
+        return get_cache(settings).put_table(key, table(), durable=False).locations
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def rereplicate(settings: CacheSettings, key: str, left: tuple[str, ...]) -> Any:
+        from tierflow.cache import get_cache
+
+        return get_cache(settings).rereplicate(key, left)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read(settings: CacheSettings, key: str, locations: tuple[str, ...]) -> Any:
+        from tierflow.cache import get_cache
+
+        return get_cache(settings).get_table(key, locations=locations)
+
+    locations = ray.get(write.options(scheduling_strategy=pin(a.node_id)).remote(settings, key))
+    assert locations[0] == f"lmdb:{a.node_id}" and len(locations) == 2
+    lost = locations[1].split(":", 1)[1]
+    victim = next(n for n in (b, d) if n.node_id == lost)
+    c.remove_node(victim)  # one copy gone with its node
+
+    left = (locations[0],)
+    added = ray.get(rereplicate.options(scheduling_strategy=pin(a.node_id)).remote(settings, key, left))
+    assert len(added) == 1 and added[0] not in locations  # a new node, never the dead one
+    assert ray.get(rereplicate.options(scheduling_strategy=pin(a.node_id)).remote(
+        settings, key, (*left, *added))) == []  # back to 2 copies: nothing more to do
+
+    c.remove_node(a)  # now the writer's copy goes too: the new copy alone serves the block
+    new_home = added[0].split(":", 1)[1]
+    reader = next(n for n in alive_nodes() if n != new_home)
+    got = ray.get(read.options(scheduling_strategy=pin(reader)).remote(settings, key, tuple(added)))
+    assert got.equals(table())

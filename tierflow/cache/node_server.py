@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import ray
@@ -222,12 +222,15 @@ class RayPeers:
         with self._lock:
             self._servers.pop(node_id, None)
 
-    def replicate(self, key: str, frame: bytes, count: int, *, pinned: bool) -> list[str]:
-        """Write ``frame`` to up to ``count`` peers in rendezvous order, skipping failures."""
+    def replicate(
+        self, key: str, frame: bytes, count: int, *, pinned: bool, skip: Collection[str] = ()
+    ) -> list[str]:
+        """Write ``frame`` to up to ``count`` peers in rendezvous order, skipping failures
+        and the nodes in ``skip``."""
         servers = self.servers()
         if not servers:
             raise TierUnavailable("peers", "no cache server on any other node")
-        order = rendezvous(key, list(servers))
+        order = [n for n in rendezvous(key, list(servers)) if n not in skip]
         ref = ray.put(frame)
         written: list[str] = []
         pos = 0

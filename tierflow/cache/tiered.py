@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -124,9 +124,12 @@ class Peers(Protocol):
     could be asked at all; a single unreachable peer is skipped.
     """
 
-    def replicate(self, key: str, frame: bytes, count: int, *, pinned: bool) -> list[str]:
+    def replicate(
+        self, key: str, frame: bytes, count: int, *, pinned: bool, skip: Collection[str] = ()
+    ) -> list[str]:
         """Write ``frame`` to ``count`` other nodes' LMDB (pinned: not evictable until
-        durable); return the location names written (may be fewer than ``count``)."""
+        durable), never to the nodes in ``skip``; return the location names written (may
+        be fewer than ``count``)."""
         ...
 
     def fetch(self, key: str, hints: Sequence[str] = ()) -> tuple[bytes, str] | None:
@@ -455,6 +458,25 @@ class TieredCache:
             self._mark_down(self.remote, exc)
             return False, exc
         return True, None
+
+    def rereplicate(self, key: str, locations: Sequence[str]) -> list[str]:
+        """Copy ``key`` to new peers until ``replicas`` places hold it again, after the
+        nodes of some of its copies were lost; ``locations`` are the copies left. Run it
+        on a node holding one (the read is local). Returns the locations added."""
+        wanted = self.settings.replicas - len(locations)
+        if wanted <= 0 or self.peers is None:
+            return []
+        frame = self.get(key, locations=locations)
+        if frame is None:
+            return []
+        holders = {loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")}
+        try:
+            added = self.peers.replicate(key, frame, wanted, pinned=REMOTE not in locations, skip=holders)
+        except TierUnavailable:
+            self._count("unavailable_peer")
+            return []
+        self._count("rereplicated", len(added))
+        return added
 
     def put_table(self, key: str, table: pa.Table, *, durable: bool = True) -> BlockMeta:
         """Encode ``table`` (Arrow IPC stream in a frame) and :meth:`put` it."""

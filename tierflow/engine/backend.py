@@ -26,6 +26,7 @@ from tierflow.engine.runners import (
     delete_blocks,
     durable_output,
     flush_blocks,
+    rereplicate_block,
     run_task,
     sink_task,
     write_dead_letter,
@@ -94,6 +95,14 @@ class Backend(Protocol):
 
     def retired_actors(self, step: int) -> int:
         """Actors of ``step`` retired so far for failing too often (0 for task stages)."""
+        ...
+
+    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
+        """Start copying a block whose copies are now only at ``locations`` to new nodes."""
+        ...
+
+    def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
+        """``(step, block, locations added)`` of the re-replications finished since the last call."""
         ...
 
     def shutdown(self) -> None:
@@ -198,6 +207,7 @@ class RayBackend:
         self._synthetic: list[tuple[Dispatch, Outcome]] = []
         self._deletions: list[Any] = []
         self._letters: list[Any] = []
+        self._copies: dict[Any, tuple[int, int]] = {}  # re-replications in flight
         self._excluded: dict[int, set[str]] = {}
         self._lost: list[str] = []
         self._nodes_at = 0.0
@@ -293,6 +303,31 @@ class RayBackend:
     def retired_actors(self, step: int) -> int:
         pool = self._pools.get(step)
         return pool.retired if pool is not None else 0
+
+    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
+        holder = next((loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")), None)
+        if holder is None:
+            return  # only the durable copy is left: it needs no help
+        on_holder = NodeAffinitySchedulingStrategy(holder, soft=False)
+        ref = rereplicate_block.options(num_cpus=0, scheduling_strategy=on_holder).remote(
+            key, locations, self._settings_ref
+        )
+        self._copies[ref] = (step, block)
+
+    def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
+        if not self._copies:
+            return []
+        ready, _ = ray.wait(list(self._copies), num_returns=len(self._copies), timeout=0)
+        added = []
+        for ref in ready:
+            step, block = self._copies.pop(ref)
+            try:
+                locations = tuple(ray.get(ref))
+            except RayError:  # the holder died too: the block is read from what is left
+                continue
+            if locations:
+                added.append((step, block, locations))
+        return added
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:

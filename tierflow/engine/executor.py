@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierflow.cache.settings import CacheSettings
+from tierflow.cache.tiered import REMOTE
 from tierflow.engine.backend import Backend, RayBackend
 from tierflow.engine.journal import Journal
 from tierflow.engine.progress import Progress, StepView, summary_table
@@ -249,13 +250,28 @@ class Executor:
                 delay = min(delay * 2, 30.0)
 
     def _watch_nodes(self) -> None:
-        """Note dead nodes (report) and stop pointing readers at the copies they held."""
+        """Note dead nodes (report), stop pointing readers at the copies they held, and
+        bring the blocks still waiting for a reader back to ``replicas`` copies, so that
+        the next lost node costs no recomputation either."""
+        replicas = self.settings.replicas
         for node in self.backend.lost_nodes():
             self.nodes_lost.append({"node": node, "at_s": round(time.monotonic() - self._started, 3)})
             gone = f"lmdb:{node}"
-            for key, locs in self._locations.items():
-                if gone in locs:
-                    self._locations[key] = tuple(loc for loc in locs if loc != gone)
+            for (step, block), locs in self._locations.items():
+                if gone not in locs:
+                    continue
+                left = tuple(loc for loc in locs if loc != gone)
+                self._locations[(step, block)] = left
+                if left and REMOTE not in left and len(left) < replicas:
+                    self.backend.rereplicate(step, block, self.plan.key(step, block), left)
+        for step, block, added in self.backend.new_copies():
+            locs = self._locations.get((step, block))
+            if locs is None:
+                continue  # read (and maybe deleted) meanwhile
+            self._locations[(step, block)] = locs + added
+            self.views[step].rereplicated += 1
+            if self.journal is not None:
+                self.journal.add_locations(self.plan.stages[step].name, block, added)
 
     def _blame(self, step: int, node: str) -> None:
         """Exclude a node from a stage after BLACKLIST_FAILURES failures there within
@@ -349,7 +365,7 @@ class Executor:
                 "reexecutions": v.reexecutions, "dead_letters": v.dead_letters,
                 "dead_letter_rows": v.dead_letter_rows, "timeouts": v.timeouts,
                 "speculated": v.speculated, "excluded_nodes": v.excluded_nodes,
-                "retired_actors": v.retired_actors,
+                "retired_actors": v.retired_actors, "rereplicated": v.rereplicated,
                 "rows_out": v.rows_out, "busy_s": round(v.busy_s, 3),
             }
             if i < len(self.plan.stages):

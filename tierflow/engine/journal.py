@@ -167,6 +167,12 @@ class Journal:
         self.stages[stage]["rejected"][block] = rows
         self._dirty = True
 
+    def add_locations(self, stage: str, block: int, locations: tuple[str, ...]) -> None:
+        entry = self.stages[stage]["done"].get(block)
+        if entry is not None:
+            entry[3] = [*entry[3], *locations]
+            self._dirty = True
+
     def forget_block(self, stage: str, block: int) -> None:
         self.stages[stage]["done"].pop(block, None)
         self._dirty = True

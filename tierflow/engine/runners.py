@@ -302,6 +302,12 @@ def flush_blocks(prefix: str, settings: CacheSettings) -> int:
     return get_cache(settings).flush(prefix)
 
 
+@ray.remote(max_retries=0)
+def rereplicate_block(key: str, locations: tuple[str, ...], settings: CacheSettings) -> list[str]:
+    """Copy a block that lost copies with a node to new peers (runs on a holder's node)."""
+    return get_cache(settings).rereplicate(key, locations)
+
+
 @ray.remote(max_retries=3)
 def delete_blocks(keys: list[str], settings: CacheSettings) -> int:
     """Drop intermediate blocks no later step needs. Idempotent, so Ray may retry it."""
