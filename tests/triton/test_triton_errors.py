@@ -247,13 +247,32 @@ def test_gives_up_after_max_attempts() -> None:
     assert fake.calls == 5
 
 
-@pytest.mark.parametrize("status", ["INVALID_ARGUMENT", "NOT_FOUND", "UNIMPLEMENTED", "INTERNAL"])
+@pytest.mark.parametrize("status", ["INVALID_ARGUMENT", "UNIMPLEMENTED", "INTERNAL"])
 def test_non_retryable_fails_at_once(status: str) -> None:
     fake = FakeTriton(lambda call: status)
     t = FakeTime()
     with pytest.raises(ModelError, match=status):
         _client(fake, t).infer_table(_table(10))
     assert t.sleeps == [] and fake.calls == 1
+
+
+def test_a_served_model_that_vanishes_is_waited_for_like_a_restart() -> None:
+    # A server shutting down or reloading unloads its models first: NOT_FOUND for a model
+    # this client has been served is an outage, not a wrong request.
+    fake = FakeTriton(lambda call: "NOT_FOUND" if call < 2 else None)
+    fake.ready = lambda poll: poll >= 3  # loaded again after a few polls
+    t = FakeTime()
+    out = _client(fake, t, max_inflight=1).infer_table(_table(10))
+    assert out.num_rows == 10 and fake.calls == 3
+
+
+def test_a_model_that_stays_gone_fails_after_the_readiness_wait() -> None:
+    fake = FakeTriton(lambda call: "NOT_FOUND")
+    fake.ready = lambda poll: False
+    t = FakeTime()
+    with pytest.raises(TritonUnavailable, match="not ready on the endpoint") as info:
+        _client(fake, t, max_inflight=1).infer_table(_table(10))
+    assert "NOT_FOUND" in info.value.reason and fake.calls == 1
 
 
 def test_one_outage_backs_off_once_for_all_inflight_requests() -> None:

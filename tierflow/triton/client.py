@@ -103,7 +103,7 @@ def _status_code(exc: BaseException) -> grpc.StatusCode | None:
 
 
 @contextlib.contextmanager
-def map_triton_errors(url: str, model: str) -> Iterator[None]:
+def map_triton_errors(url: str, model: str, *, served: bool = False) -> Iterator[None]:
     """Translate tritonclient/gRPC exceptions raised inside into tierflow's errors.
 
     The one place this happens. ``raise ... from exc`` keeps the original as ``__cause__``.
@@ -113,6 +113,10 @@ def map_triton_errors(url: str, model: str) -> Iterator[None]:
     * ``InferenceServerException`` without a status (tritonclient refused to build the
       request, e.g. a dtype mismatch) or with an unknown one -> ``ModelError``.
     * ``ConnectionError`` -> ``TritonUnavailable``.
+    * With ``served`` (the model answered this client before), ``NOT_FOUND`` ->
+      ``TritonUnavailable``: a server that is shutting down or reloading unloads its
+      models first and answers "has no available versions" meanwhile. The readiness wait
+      then tells a restart from a model that is gone for good.
 
     Anything else (including tierflow's own errors) passes through untouched.
     """
@@ -124,7 +128,7 @@ def map_triton_errors(url: str, model: str) -> Iterator[None]:
         message = message or (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
         reason = f"{code.name}: {message}" if code is not None else message
         cls = STATUS_ERRORS.get(code, ModelError) if code is not None else ModelError
-        if cls is TritonUnavailable:
+        if cls is TritonUnavailable or (served and code is _S.NOT_FOUND):
             raise TritonUnavailable(url, reason) from exc
         raise ModelError(model, reason) from exc
     except ConnectionError as exc:
@@ -487,7 +491,7 @@ class TritonStageClient:
                     attempts[i] += 1
                     try:
                         infer_inputs = self._make_inputs(spec, arrays, lo, hi)
-                        with map_triton_errors(ep.url, self.model):
+                        with map_triton_errors(ep.url, self.model, served=True):
                             call = self._pool.client(ep).async_infer(
                                 self.model,
                                 infer_inputs,
@@ -521,7 +525,7 @@ class TritonStageClient:
                     remaining -= 1
                     continue
                 try:
-                    with map_triton_errors(ep.url, self.model):
+                    with map_triton_errors(ep.url, self.model, served=True):
                         raise error
                 except TritonUnavailable as exc:
                     self._pool.failed(ep, epoch, exc.reason)
