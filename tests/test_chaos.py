@@ -26,13 +26,6 @@ import chaos  # noqa: E402
 
 pytestmark = [pytest.mark.ray]
 
-TRITON_RESTART_BUG = (
-    "engine: a Triton restart fails the run -- while the server unloads/loads models it answers "
-    "NOT_FOUND ('has no available versions'), which the client maps to ModelError (never retried); "
-    "a plain outage outlasts the retry budget (5 client attempts ~0.75 s x max_attempts 3 dispatched "
-    "back to back, ~2-3 s) -- see docs/recovery-benchmark.md, 'Engine problems found'"
-)
-
 
 def _explain(summary: dict[str, Any]) -> str:
     c = summary.get("chaos", {})
@@ -82,7 +75,6 @@ def test_node_replaced(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(reason=TRITON_RESTART_BUG, strict=False)
 def test_triton_restart(tmp_path: Path) -> None:
     """Triton stopped (SIGTERM) at 50 % and started again on the same ports."""
     summary = chaos.run_chaos(work=tmp_path, schedule="triton@0.50", rows=4000, block_rows=100, delay_s=0.1,
@@ -92,7 +84,6 @@ def test_triton_restart(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(reason=TRITON_RESTART_BUG, strict=False)
 def test_triton_crash(tmp_path: Path) -> None:
     """Triton SIGKILLed at 50 % and started again on the same ports."""
     summary = chaos.run_chaos(work=tmp_path, schedule="triton@0.50", rows=4000, block_rows=100, delay_s=0.1,
@@ -102,7 +93,6 @@ def test_triton_crash(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.xfail(reason=TRITON_RESTART_BUG, strict=False)
 def test_chaos_full_schedule(tmp_path: Path) -> None:
     """The tool's default schedule (4 kills, a node replaced, Triton restarted) on 6000 rows."""
     summary = chaos.run_chaos(work=tmp_path, quiet=True)
