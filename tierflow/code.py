@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -20,6 +21,20 @@ def add_import_paths(paths: Iterable[str]) -> None:
         if p in sys.path:
             sys.path.remove(p)
         sys.path.insert(0, p)  # first: the manifest's own modules win over same-named ones
+
+
+def local_modules(targets: Iterable[str], base_dir: str) -> list[str]:
+    """The files or package directories next to the manifest that define ``targets``
+    (``module:attr``), to ship to a cluster whose nodes do not have them. Modules found
+    elsewhere (installed packages) are left to the cluster's image."""
+    found: list[str] = []
+    for target in targets:
+        top = target.partition(":")[0].split(".")[0]
+        for path in (os.path.join(base_dir, top), os.path.join(base_dir, f"{top}.py")):
+            if (os.path.isdir(path) or os.path.isfile(path)) and path not in found:
+                found.append(path)
+                break
+    return found
 
 
 def load_object(target: str) -> Any:

@@ -20,12 +20,13 @@ import ray
 
 from tierflow.cache.settings import CacheSettings
 from tierflow.checks import check_manifest
+from tierflow.code import local_modules
 from tierflow.engine.executor import Executor
 from tierflow.engine.journal import Journal, journal_dir
 from tierflow.engine.resume import resume_points, sink_fingerprint
 from tierflow.io.sink import Sink
 from tierflow.errors import ModelError, TritonUnavailable
-from tierflow.manifest import CacheConfig, Manifest, TritonStage, load_manifest
+from tierflow.manifest import CacheConfig, Manifest, PythonStage, TritonStage, load_manifest
 from tierflow.plan import Plan, make_plan
 from tierflow.triton.repository import model_digest
 from tierflow.triton.server import TritonServer, wait_until_ready
@@ -71,16 +72,18 @@ def ray_session(manifest: Manifest, address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    pythonpath = os.pathsep.join(p for p in (manifest.base_dir, os.environ.get("PYTHONPATH")) if p)
-    kwargs: dict[str, Any] = {
-        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}},
-        "logging_level": logging.WARNING,
-        "include_dashboard": False,
-    }
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
     target = address or manifest.ray.address
     if target:
+        # The cluster's nodes may not have the stage code: ship the modules next to the
+        # manifest (the very files the stage fingerprints were computed from).
+        targets = [s.target for s in manifest.stages if isinstance(s, PythonStage)]
+        modules = local_modules(targets, manifest.base_dir)
         kwargs["address"] = target
+        kwargs["runtime_env"] = {"py_modules": modules} if modules else {}
     else:
+        pythonpath = os.pathsep.join(p for p in (manifest.base_dir, os.environ.get("PYTHONPATH")) if p)
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs["address"] = "local"  # a new embedded instance, even if `ray start` ran here
         kwargs["num_cpus"] = manifest.ray.num_cpus or max(os.cpu_count() or 1, _cpus_needed(manifest))
