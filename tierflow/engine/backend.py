@@ -215,12 +215,10 @@ class RayBackend:
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         self._plan, self._sink, self._settings = plan, sink, settings
         self._durable = [durable_output(settings, s.config.checkpoint) for s in plan.stages]
-        self._servers_at = time.monotonic()
-        self._nodes = set(start_cache_servers(settings))  # peer replicas go through these
         self._settings_ref = ray.put(settings)
         self._source_ref = ray.put(plan.source)
         self._letters_at = dead_letters_target(plan, sink)
-        for s in plan.stages:
+        for s in plan.stages:  # actors start in the background while the cache servers do
             if isinstance(s.config, PythonStage) and s.config.cls is None:
                 continue
             self._pools[s.index] = ActorPool(
@@ -230,6 +228,8 @@ class RayBackend:
                 ),
                 *s.config.concurrency_range,
             )
+        self._servers_at = time.monotonic()
+        self._nodes = set(start_cache_servers(settings))  # peer replicas go through these
         for pool in self._pools.values():
             pool.wait_ready(ACTOR_START_TIMEOUT_S)
         return stage_limits(plan)

@@ -202,7 +202,9 @@ class Executor:
 
     def _watch_running(self) -> None:
         """Cancel attempts past their stage's ``block_timeout_s``; start a second copy of
-        blocks slower than ``speculate_after`` x their stage's median (first one wins)."""
+        blocks slower than ``speculate_after`` x their stage's median (first one wins) when
+        no block of that stage is waiting for a slot: on a busy machine every block looks
+        slow, and a copy would take the CPU the queue needs."""
         now = time.monotonic()
         if now - self._watched_at < 0.25:
             return
@@ -222,6 +224,7 @@ class Executor:
             if (
                 cfg.speculate_after is not None and run.copies == 1 and len(durations) >= SPECULATE_MIN_SAMPLES
                 and elapsed > cfg.speculate_after * max(statistics.median(durations), SPECULATE_MIN_S)
+                and self.views[step].queued == 0  # a spare slot, not one a queued block needs
                 and self.backend.can_add(step)
             ):
                 run.copies = 2
