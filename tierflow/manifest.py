@@ -88,6 +88,13 @@ class _StageBase(_Model):
         return (c, c) if isinstance(c, int) else c
 
 
+# How a step runs and fails: a fused stage takes these from the stage it runs with.
+_STEP_FIELDS = {
+    "concurrency", "num_cpus", "checkpoint", "max_attempts", "retry_on", "on_error", "block_timeout_s",
+    "speculate_after",
+}
+
+
 class PythonStage(_StageBase):
     """A CPU stage: ``fn`` (a Ray task per block) or ``cls`` (a pool of Ray actors)."""
 
@@ -101,6 +108,13 @@ class PythonStage(_StageBase):
         default_factory=dict, description="columns the stage adds: name -> type (e.g. float32[16])"
     )
     drops: tuple[str, ...] = Field((), description="columns the stage removes")
+    fuse: bool = Field(
+        False,
+        description=(
+            "run in the same task or actor as the next stage: this stage's output is not cached "
+            "(saves a cache round trip per block; a lost step re-runs both)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_callable(self) -> PythonStage:
@@ -192,6 +206,23 @@ class Manifest(_Model):
             if stage.name in seen:
                 raise ValueError(f"stage name {stage.name!r} is used twice")
             seen.add(stage.name)
+        return self
+
+    @model_validator(mode="after")
+    def _fusable(self) -> Manifest:
+        for stage, after in zip(self.stages, [*self.stages[1:], None]):
+            if not (isinstance(stage, PythonStage) and stage.fuse):
+                continue
+            if after is None:
+                raise ValueError(f"stage {stage.name!r}: fuse: true needs a stage after it to run with")
+            if stage.cls is not None:
+                raise ValueError(f"stage {stage.name!r}: only fn stages can be fused (a cls stage keeps state in its own actors)")
+            decided = sorted(stage.model_fields_set & _STEP_FIELDS)
+            if decided:
+                raise ValueError(
+                    f"stage {stage.name!r}: fuse: true runs it in stage {after.name!r}'s step, which decides "
+                    f"{', '.join(decided)}; set them there"
+                )
         return self
 
     def resolve(self, path: str) -> str:

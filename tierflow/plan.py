@@ -22,19 +22,28 @@ from tierflow.manifest import Manifest, PythonStage, Stage, TritonStage
 # Fields that change how a stage runs, never what it outputs: not part of the fingerprint.
 _EXECUTION_ONLY = {
     "concurrency", "num_cpus", "checkpoint", "max_inflight", "timeout_s", "batch_size",
-    "max_attempts", "retry_on", "on_error", "block_timeout_s", "speculate_after",
+    "max_attempts", "retry_on", "on_error", "block_timeout_s", "speculate_after", "fuse",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class StagePlan:
+    """One step of the plan: a stage, run after the ``fused`` stages before it (``fuse:
+    true``) in the same task or actor. Its output is cached under its key."""
+
     index: int
     config: Stage
     fingerprint: str
+    fused: tuple[Stage, ...] = ()
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def chain(self) -> tuple[Stage, ...]:
+        """Every stage this step runs, in order."""
+        return (*self.fused, self.config)
 
 
 @dataclass(frozen=True)
@@ -82,8 +91,13 @@ def make_plan(manifest: Manifest, model_digest: Callable[[str], str]) -> Plan:
         "source": manifest.source.model_dump(mode="json", exclude={"storage_options"}),
         "files": [[f.path, f.size, f.version, f.rows] for f in files],
     }, sort_keys=True).encode())
-    stages = []
-    for i, stage in enumerate(manifest.stages):
+    stages: list[StagePlan] = []
+    fused: list[Stage] = []
+    for stage in manifest.stages:
         h.update(json.dumps(stage_identity(stage, model_digest), sort_keys=True).encode())
-        stages.append(StagePlan(i, stage, h.copy().hexdigest()))
+        if isinstance(stage, PythonStage) and stage.fuse:
+            fused.append(stage)  # runs in the next stage's step; its output has no key
+            continue
+        stages.append(StagePlan(len(stages), stage, h.copy().hexdigest(), tuple(fused)))
+        fused = []
     return Plan(manifest, source, files, blocks, tuple(stages))

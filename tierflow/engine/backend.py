@@ -224,7 +224,7 @@ class RayBackend:
             self._pools[s.index] = ActorPool(
                 s,
                 lambda s=s: StageActor.options(**self._options(s.index)).remote(  # type: ignore[attr-defined]
-                    s.config, triton_url, settings
+                    s.chain, triton_url, settings
                 ),
                 *s.config.concurrency_range,
             )
@@ -253,13 +253,13 @@ class RayBackend:
         if d.step == n:
             ref = sink_task.remote(self._sink, io, d.block, self._settings_ref)
         else:
-            cfg = plan.stages[d.step].config
             src = self._source_ref if d.step == 0 else None
             if d.step in self._pools:
                 actor = self._pools[d.step].acquire()
                 ref = actor.run.remote(src, io)
             else:
-                ref = run_task.options(**self._options(d.step)).remote(cfg, src, io, self._settings_ref)
+                chain = plan.stages[d.step].chain
+                ref = run_task.options(**self._options(d.step)).remote(chain, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
 
     def _options(self, step: int) -> dict[str, Any]:

@@ -373,6 +373,7 @@ class Executor:
             }
             if i < len(self.plan.stages):
                 entry["fingerprint"] = self.plan.stages[i].fingerprint
+                entry["fused"] = [s.name for s in self.plan.stages[i].fused]
             stages.append(entry)
         return {
             "pipeline": self.plan.manifest.name,
@@ -390,6 +391,5 @@ class Executor:
 
 def _kind(stage: StagePlan) -> str:
     cfg = stage.config
-    if isinstance(cfg, PythonStage):
-        return "task" if cfg.cls is None else "actor"
-    return f"triton:{cfg.model}"
+    kind = ("task" if cfg.cls is None else "actor") if isinstance(cfg, PythonStage) else f"triton:{cfg.model}"
+    return f"{kind} (+{len(stage.fused)} fused)" if stage.fused else kind

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +49,22 @@ class Outcome:
     rejected: int = 0  # input rows set aside as dead letters (``on_error: skip_rows``)
 
 
-def make_transform(stage: Stage, triton_url: str | tuple[str, ...] | None) -> Transform:
-    """Build the per-process callable for a stage (imports code, creates the instance)."""
+def make_transform(chain: Sequence[Stage], triton_url: str | tuple[str, ...] | None) -> Transform:
+    """Build the per-process callable for a step: its stages applied in order (fused
+    stages first), each built once (imports code, creates the instance)."""
+    transforms = [_stage_transform(stage, triton_url) for stage in chain]
+    if len(transforms) == 1:
+        return transforms[0]
+
+    def fused(table: pa.Table) -> pa.Table:
+        for transform in transforms:
+            table = transform(table)
+        return table
+
+    return fused
+
+
+def _stage_transform(stage: Stage, triton_url: str | tuple[str, ...] | None) -> Transform:
     if isinstance(stage, TritonStage):
         from tierflow.triton.client import TritonStageClient
 
@@ -248,10 +262,10 @@ def _node() -> str:
 
 
 @ray.remote(max_retries=0)
-def run_task(stage: Stage, source: Source | None, io: StepIO, settings: CacheSettings) -> Outcome:
-    """A stateless stage as a Ray task. The transform is rebuilt per task (cheap for fns)."""
+def run_task(chain: tuple[Stage, ...], source: Source | None, io: StepIO, settings: CacheSettings) -> Outcome:
+    """A stateless step as a Ray task. The transform is rebuilt per task (cheap for fns)."""
     try:
-        transform = make_transform(stage, None)
+        transform = make_transform(chain, None)
     except Exception as exc:  # noqa: BLE001
         return _failure(exc, time.perf_counter())
     return run_step(transform, source, io, settings)
@@ -320,10 +334,11 @@ class StageActor:
     """A stateful or model stage: the transform (class instance, Triton client) is built
     once per actor and reused for every block sent to it."""
 
-    def __init__(self, stage: Stage, triton_url: str | tuple[str, ...] | None, settings: CacheSettings) -> None:
-        self._stage = stage
+    def __init__(
+        self, chain: tuple[Stage, ...], triton_url: str | tuple[str, ...] | None, settings: CacheSettings
+    ) -> None:
         self._settings = settings
-        self._transform = make_transform(stage, triton_url)
+        self._transform = make_transform(chain, triton_url)
 
     def run(self, source: Source | None, io: StepIO) -> Outcome:
         return run_step(self._transform, source, io, self._settings)
