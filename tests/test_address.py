@@ -72,7 +72,7 @@ def test_run_joins_a_cluster_and_ships_the_stage_code(tmp_path: Path, cluster: A
              "params": {"by": 7}},
         ],
         "sink": {"path": "out/"},
-        "cache": {"dir": str(tmp_path / "cache-{node}")},
+        "cache": {"dir": str(tmp_path / "cache-{node}"), "remote_url": f"file://{tmp_path}/store"},
     }
     manifest = job / "joined.yaml"
     manifest.write_text(yaml.safe_dump(doc))

@@ -61,6 +61,18 @@ def test_put_get_roundtrip_and_metadata(cache: TieredCache) -> None:
     assert cache.check() == []
 
 
+def test_only_a_sole_lmdb_copy_is_flushed_to_disk(cache: TieredCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LMDB runs without a sync per commit: a copy that has another one elsewhere does not
+    # need it, the only copy of a block does.
+    syncs: list[int] = []
+    real = cache.lmdb.sync
+    monkeypatch.setattr(cache.lmdb, "sync", lambda: (syncs.append(1), real())[1])
+    assert cache.put_table(KEY, table()).locations == ("lmdb:node-a", "remote")
+    assert syncs == []
+    assert cache.put_table(KEY.replace("42", "43"), table(), durable=False).locations == ("lmdb:node-a",)
+    assert syncs == [1]
+
+
 def test_read_through_promotes_hits(cache: TieredCache) -> None:
     t = table()
     cache.put_table(KEY, t)

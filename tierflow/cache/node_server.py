@@ -92,6 +92,7 @@ class CacheServer:
             settings.lmdb_path_for(node_id),
             capacity_bytes=settings.lmdb_bytes,
             map_size=settings.lmdb_map_size,
+            sync=False,  # a peer copy is never the only one: the writer keeps its own
         )
         self.corrupt_dropped = 0
 

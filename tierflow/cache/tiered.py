@@ -186,6 +186,7 @@ class TieredCache:
             settings.lmdb_path_for(self.node_id),
             capacity_bytes=settings.lmdb_bytes,
             map_size=settings.lmdb_map_size,
+            sync=False,  # flushed in _put when this copy turns out to be the only one
         )
         self.remote: Tier = remote if remote is not None else RemoteTier(
             settings.durable_url, settings.storage_options, timeout_s=settings.remote_timeout_s
@@ -444,6 +445,8 @@ class TieredCache:
             raise remote_error
 
         locations = ([self.local_location] if local_ok else []) + peers + ([REMOTE] if remote_done else [])
+        if locations == [self.local_location]:
+            self.lmdb.sync()  # the only copy: it must survive an OS crash too
         if len(locations) < self.settings.replicas:
             self._count("under_replicated")
         if self.memory is not None:

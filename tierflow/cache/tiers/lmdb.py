@@ -27,8 +27,13 @@ Promises:
   opened lazily, ``reader_check()`` on open. Before ``os.fork`` every environment is
   closed (waiting for running operations); parent and child reopen lazily. An inherited
   environment is never used across ``fork``.
-* Durability: ``sync=True, metasync=False`` (``MDB_NOMETASYNC``): a system crash can lose
-  the last commit but never corrupts the database.
+* Durability: by default ``sync=True, metasync=False`` (``MDB_NOMETASYNC``): a system
+  crash can lose the last commit but never corrupts the database. ``sync=False``
+  (``MDB_NOSYNC``) leaves flushing to the OS and to :meth:`LmdbTier.sync`: for a node's
+  cache whose blocks have another copy elsewhere, where an ``fdatasync`` per block buys
+  nothing against losing the node (its disk goes with it; a killed process loses nothing
+  the page cache holds). After an OS crash such an environment may be damaged: every read
+  verifies its checksum, and a damaged environment is a tier that is down.
 * ``meminit=True``: LMDB zeroes the unused part of every page it writes. With
   ``MDB_NOMEMINIT`` it would write whatever the heap held before (other blocks, resolved
   credentials) into ``data.mdb``; a test caught stale block bytes there.
@@ -248,6 +253,7 @@ class LmdbTier(TierBase):
         map_size: int = 1 << 40,
         verify: bool = True,
         max_readers: int = 1024,
+        sync: bool = True,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.path = os.path.abspath(path)
@@ -263,7 +269,7 @@ class LmdbTier(TierBase):
             self.path,
             dict(
                 map_size=map_size, subdir=True, max_dbs=8, max_readers=max_readers,
-                sync=True, metasync=False, readahead=True, meminit=True, lock=True,
+                sync=sync, metasync=False, readahead=True, meminit=True, lock=True,
             ),
         )
         self._finalizer = weakref.finalize(self, _release_handle, self._handle)
@@ -470,6 +476,11 @@ class LmdbTier(TierBase):
             return False
         self._counters.add(deletes=1)
         return True
+
+    def sync(self) -> None:
+        """Flush every commit so far to disk (``fdatasync``), whatever ``sync`` was."""
+        with self._env() as (env, _):
+            env.sync(True)
 
     def contains(self, key: str) -> bool:
         """Whether ``key`` is held (no read of the value)."""
