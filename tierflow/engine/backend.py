@@ -251,7 +251,9 @@ class RayBackend:
         actor = None
         io = self._io(d.step, d.block, input_locations)
         if d.step == n:
-            ref = sink_task.remote(self._sink, io, d.block, self._settings_ref)
+            ref = sink_task.options(**self._near(d.step, input_locations)).remote(
+                self._sink, io, d.block, self._settings_ref
+            )
         else:
             src = self._source_ref if d.step == 0 else None
             if d.step in self._pools:
@@ -259,7 +261,8 @@ class RayBackend:
                 ref = actor.run.remote(src, io)
             else:
                 chain = plan.stages[d.step].chain
-                ref = run_task.options(**self._options(d.step)).remote(chain, src, io, self._settings_ref)
+                opts = {**self._options(d.step), **self._near(d.step, input_locations)}
+                ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
 
     def _options(self, step: int) -> dict[str, Any]:
@@ -267,6 +270,16 @@ class RayBackend:
         if self._excluded.get(step):
             opts["label_selector"] = {NODE_ID_LABEL: f"!in({', '.join(sorted(self._excluded[step]))})"}
         return opts
+
+    def _near(self, step: int, input_locations: tuple[str, ...]) -> dict[str, Any]:
+        """Run a task where its input block has a copy when that node has a free slot (the
+        read is then local), anywhere else at once when it has not."""
+        node = next((loc.split(":", 1)[1] for loc in input_locations if loc.startswith("lmdb:")), None)
+        if node is None or node not in self._nodes or self._excluded.get(step):
+            return {}
+        # A private flag (Ray Serve uses it the same way): spill rather than wait for the node.
+        near = NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True)
+        return {"scheduling_strategy": near}
 
     def exclude(self, step: int, node: str) -> bool:
         excluded = self._excluded.setdefault(step, set())
