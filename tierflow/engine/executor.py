@@ -351,11 +351,11 @@ class Executor:
 
     def _sync_views(self, state: PipelineState) -> None:
         now = time.monotonic()
-        for view, c in zip(self.views, state.counters):
+        for step, (view, c) in enumerate(zip(self.views, state.counters)):
             view.done, view.inflight, view.queued = c.done, c.inflight, c.queued
             view.reexecutions = c.reexecutions
-        for step, view in enumerate(self.views[:-1]):
-            view.retired_actors = self.backend.retired_actors(step)
+            if step < len(self.plan.stages):
+                view.retired_actors = self.backend.retired_actors(step)
             if view.done >= view.total and view.finished is None:
                 view.finished = now
 
