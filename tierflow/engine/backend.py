@@ -110,6 +110,11 @@ class Backend(Protocol):
         ...
 
 
+def _first_node(locations: tuple[str, ...]) -> str | None:
+    """The node of the first ``lmdb:<node>`` copy in ``locations``, if any."""
+    return next((loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")), None)
+
+
 class ActorPool:
     """The actors of one stage, each taking one block at a time, reused across blocks.
 
@@ -274,7 +279,7 @@ class RayBackend:
     def _near(self, step: int, input_locations: tuple[str, ...]) -> dict[str, Any]:
         """Run a task where its input block has a copy when that node has a free slot (the
         read is then local), anywhere else at once when it has not."""
-        node = next((loc.split(":", 1)[1] for loc in input_locations if loc.startswith("lmdb:")), None)
+        node = _first_node(input_locations)
         if node is None or node not in self._nodes or self._excluded.get(step):
             return {}
         # A private flag (Ray Serve uses it the same way): spill rather than wait for the node.
@@ -318,7 +323,7 @@ class RayBackend:
         return pool.retired if pool is not None else 0
 
     def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
-        holder = next((loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")), None)
+        holder = _first_node(locations)
         if holder is None:
             return  # only the durable copy is left: it needs no help
         on_holder = NodeAffinitySchedulingStrategy(holder, soft=False)
