@@ -408,7 +408,7 @@ class Bench:
             return codec.decode_table_unchecked(data, "k")
 
         self.record("memory get", *measure_pair(size, n, ("ray.get", ray_get), ("MemoryTier.get+decode", tier_get)))
-        del refs
+        refs.clear()  # free the object store copies
         tier.close()
 
     def codec_figures(self, size: int) -> None:
