@@ -183,11 +183,11 @@ def test_rereplicate_restores_the_copies_a_lost_node_held(cluster: Any, tmp_path
     settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store",
                              replicas=2, lmdb_map_size=1 << 30)
     start_cache_servers(settings)
-    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node:__internal_head__"))
-    # a key whose first peer from a's point of view is a removable node, not the head
+    # a key whose first peer from a's point of view is one of this test's nodes (b or d),
+    # not the head or a node another test uses
     peers_of_a = [n for n in alive_nodes() if n != a.node_id]
-    key = next(k for k in (f"demo/3f9a1c0e/clean/{i:06d}" for i in range(100))
-               if rendezvous(k, peers_of_a)[0] != head)
+    key = next(k for k in (f"demo/3f9a1c0e/clean/{i:06d}" for i in range(1000))
+               if rendezvous(k, peers_of_a)[0] in (b.node_id, d.node_id))
     pin = lambda n: NodeAffinitySchedulingStrategy(n, soft=False)  # noqa: E731
 
     @ray.remote(num_cpus=0, max_retries=0)
