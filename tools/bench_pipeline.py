@@ -198,6 +198,42 @@ def _mark_ready(path: str | None) -> None:
             fh.write(f"{time.time()!r}\n")
 
 
+def infer_mlp(g: Any, client: Any, model: str, feats: np.ndarray, batch_size: int,
+              max_inflight: int) -> tuple[pa.Array, pa.Array]:
+    """``mlp_classifier`` on ``feats`` (n x 16 float32) with a plain tritonclient: requests
+    of ``batch_size`` rows, ``max_inflight`` of them in flight with ``async_infer``.
+    Returns the PROBS (fixed_size_list<float>[4]) and LABEL columns. Also used by
+    ``bench_recovery``'s Ray Data model stage."""
+    n = len(feats)
+    bounds = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+    results: list[Any] = [None] * len(bounds)
+    errors: list[Any] = []
+    sem = threading.Semaphore(max_inflight)
+    requested = [g.InferRequestedOutput("PROBS"), g.InferRequestedOutput("LABEL")]
+
+    def done(i: int, result: Any, error: Any) -> None:
+        if error is not None:
+            errors.append(error)
+        results[i] = result
+        sem.release()
+
+    for i, (lo, hi) in enumerate(bounds):
+        sem.acquire()
+        if errors:
+            raise RuntimeError(errors[0])
+        inp = g.InferInput("FEATURES", [hi - lo, 16], "FP32")
+        inp.set_data_from_numpy(feats[lo:hi])
+        client.async_infer(model, [inp], outputs=requested,
+                           callback=lambda result, error, i=i: done(i, result, error))
+    for _ in range(max_inflight):
+        sem.acquire()
+    if errors:
+        raise RuntimeError(errors[0])
+    probs = np.concatenate([r.as_numpy("PROBS") for r in results])
+    label = np.concatenate([r.as_numpy("LABEL") for r in results]).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 4), pa.array(label)
+
+
 class TritonUDF:
     """Ray Data's model stage: a callable class holding a tritonclient gRPC client.
 
@@ -220,39 +256,13 @@ class TritonUDF:
         _mark_ready(ready_file)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        g = self.grpcclient
         col = table["features"]
         arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         n = len(arr)
         feats = arr.flatten().to_numpy(zero_copy_only=True).reshape(n, 16)  # zero-copy
-        bounds = [(lo, min(lo + self.batch_size, n)) for lo in range(0, n, self.batch_size)]
-        results: list[Any] = [None] * len(bounds)
-        errors: list[Any] = []
-        sem = threading.Semaphore(self.max_inflight)
-        requested = [g.InferRequestedOutput("PROBS"), g.InferRequestedOutput("LABEL")]
-
-        def done(i: int, result: Any, error: Any) -> None:
-            if error is not None:
-                errors.append(error)
-            results[i] = result
-            sem.release()
-
-        for i, (lo, hi) in enumerate(bounds):
-            sem.acquire()
-            if errors:
-                raise RuntimeError(errors[0])
-            inp = g.InferInput("FEATURES", [hi - lo, 16], "FP32")
-            inp.set_data_from_numpy(feats[lo:hi])
-            self.client.async_infer(self.model, [inp], outputs=requested,
-                                    callback=lambda result, error, i=i: done(i, result, error))
-        for _ in range(self.max_inflight):
-            sem.acquire()
-        if errors:
-            raise RuntimeError(errors[0])
-        probs = np.concatenate([r.as_numpy("PROBS") for r in results])
-        label = np.concatenate([r.as_numpy("LABEL") for r in results]).reshape(-1)
-        return (table.append_column("probs", pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 4))
-                .append_column("label", pa.array(label)))
+        probs, label = infer_mlp(self.grpcclient, self.client, self.model, feats, self.batch_size,
+                                 self.max_inflight)
+        return table.append_column("probs", probs).append_column("label", label)
 
 
 # --------------------------------------------------------------------------- data

@@ -89,6 +89,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from bench_pipeline import infer_mlp  # the same plain-tritonclient model call in both benchmarks
+
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 N_STAGES = 20
@@ -173,37 +175,9 @@ class TritonUDF:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         _log(self.log, self.stage, table, "start")
-        g = self.g
         feats = np.ascontiguousarray(_h(table))
-        n = len(feats)
-        bounds = [(lo, min(lo + self.batch_size, n)) for lo in range(0, n, self.batch_size)]
-        results: list[Any] = [None] * len(bounds)
-        errors: list[Any] = []
-        sem = threading.Semaphore(self.max_inflight)
-        requested = [g.InferRequestedOutput("PROBS"), g.InferRequestedOutput("LABEL")]
-
-        def done(i: int, result: Any, error: Any) -> None:
-            if error is not None:
-                errors.append(error)
-            results[i] = result
-            sem.release()
-
-        for i, (lo, hi) in enumerate(bounds):
-            sem.acquire()
-            if errors:
-                raise RuntimeError(errors[0])
-            inp = g.InferInput("FEATURES", [hi - lo, 16], "FP32")
-            inp.set_data_from_numpy(feats[lo:hi])
-            self.client.async_infer(self.model, [inp], outputs=requested,
-                                    callback=lambda result, error, i=i: done(i, result, error))
-        for _ in range(self.max_inflight):
-            sem.acquire()
-        if errors:
-            raise RuntimeError(errors[0])
-        probs = np.concatenate([r.as_numpy("PROBS") for r in results])
-        label = np.concatenate([r.as_numpy("LABEL") for r in results]).reshape(-1)
-        out = (table.append_column("probs", pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 4))
-               .append_column("label", pa.array(label)))
+        probs, label = infer_mlp(self.g, self.client, self.model, feats, self.batch_size, self.max_inflight)
+        out = table.append_column("probs", probs).append_column("label", label)
         _log(self.log, self.stage, table, "end")
         return out
 
@@ -280,17 +254,9 @@ def manifest_doc(name: str, data: Path, out: Path, cache: Path, durable: Path, u
 
 
 def run_tierflow(manifest: Path) -> dict[str, Any]:
-    from tierflow.cache.node_server import stop_cache_servers
-    from tierflow.run import run_pipeline
+    import chaos
 
-    t0 = time.monotonic()
-    try:
-        report = run_pipeline(manifest, fresh=True, progress_out=None)
-        error = None
-    except BaseException as exc:  # noqa: BLE001 - reported
-        report, error = None, exc
-    wall = time.monotonic() - t0
-    stop_cache_servers()  # the next run gets its own servers (and cache directory)
+    report, error, wall = chaos.run_once(manifest)  # stops the cache servers after the run
     out: dict[str, Any] = {"wall_s": wall, "error": repr(error) if error else None}
     if report:
         out["report"] = {s["name"]: {k: s.get(k) for k in ("executions", "retries", "reexecutions", "speculated")}

@@ -40,6 +40,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tierflow.cache import codec
 from tierflow.cache.settings import CacheSettings
+from tierflow.cache.tiered import lmdb_location, lmdb_nodes
 from tierflow.cache.tiers.lmdb import LmdbTier
 from tierflow.errors import CorruptObject, TierUnavailable
 
@@ -66,11 +67,6 @@ def server_name(node_id: str) -> str:
 def rendezvous(key: str, nodes: Sequence[str]) -> list[str]:
     """``nodes`` in the placement order of ``key`` (highest random weight first)."""
     return sorted(nodes, key=lambda n: xxhash.xxh3_64_intdigest(f"{n}/{key}".encode()), reverse=True)
-
-
-def location(node_id: str) -> str:
-    """Location name of a copy on node ``node_id``'s LMDB."""
-    return f"lmdb:{node_id}"
 
 
 def alive_nodes() -> list[str]:
@@ -109,7 +105,7 @@ class CacheServer:
         """
         codec.verify(frame, key)
         self.tier.put(key, frame, pending=pinned)
-        return location(self.node_id)
+        return lmdb_location(self.node_id)
 
     def get(self, key: str) -> bytes | None:
         """This node's verified copy of ``key``, or ``None``."""
@@ -249,7 +245,7 @@ class RayPeers:
     def fetch(self, key: str, hints: Sequence[str] = ()) -> tuple[bytes, str] | None:
         """Ask the hinted nodes, then the key's first ``replicas`` rendezvous nodes."""
         servers = self.servers()
-        hinted = [h.split(":", 1)[1] for h in hints if h.startswith("lmdb:")]
+        hinted = lmdb_nodes(hints)
         placed = rendezvous(key, list(servers))[: self.settings.replicas]
         tried: set[str] = set()
         for node_id in [*hinted, *placed]:
@@ -265,7 +261,7 @@ class RayPeers:
                 self._skip(node_id, exc)
                 continue
             if data is not None:
-                return data, location(node_id)
+                return data, lmdb_location(node_id)
         return None
 
     def delete(self, key: str) -> int:

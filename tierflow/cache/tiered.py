@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,6 +56,16 @@ __all__ = [
 
 REMOTE = "remote"
 """Location name of the durable copy."""
+
+
+def lmdb_location(node_id: str) -> str:
+    """Location name of a copy in node ``node_id``'s LMDB (``storage/FORMAT.md`` section 5)."""
+    return f"lmdb:{node_id}"
+
+
+def lmdb_nodes(locations: Iterable[str]) -> list[str]:
+    """The nodes whose LMDB holds a copy, in the order of ``locations``."""
+    return [loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +206,7 @@ class TieredCache:
         self._lock = threading.Lock()
         self._down_until: dict[str, float] = {}
         self._counts: Counter[str] = Counter()
-        self.local_location = f"lmdb:{self.node_id}"
+        self.local_location = lmdb_location(self.node_id)
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -472,7 +482,7 @@ class TieredCache:
         frame = self.get(key, locations=locations)
         if frame is None:
             return []
-        holders = {loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")}
+        holders = set(lmdb_nodes(locations))
         try:
             added = self.peers.replicate(key, frame, wanted, pinned=REMOTE not in locations, skip=holders)
         except TierUnavailable:

@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tierflow.cache.node_server import alive_nodes, start_cache_servers
 from tierflow.cache.settings import CacheSettings
+from tierflow.cache.tiered import lmdb_nodes
 from tierflow.engine.runners import (
     Outcome,
     StageActor,
@@ -108,11 +109,6 @@ class Backend(Protocol):
     def shutdown(self) -> None:
         """Wait for dead letters to be written, then stop every actor."""
         ...
-
-
-def _first_node(locations: tuple[str, ...]) -> str | None:
-    """The node of the first ``lmdb:<node>`` copy in ``locations``, if any."""
-    return next((loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")), None)
 
 
 class ActorPool:
@@ -279,7 +275,7 @@ class RayBackend:
     def _near(self, step: int, input_locations: tuple[str, ...]) -> dict[str, Any]:
         """Run a task where its input block has a copy when that node has a free slot (the
         read is then local), anywhere else at once when it has not."""
-        node = _first_node(input_locations)
+        node = next(iter(lmdb_nodes(input_locations)), None)
         if node is None or node not in self._nodes or self._excluded.get(step):
             return {}
         # A private flag (Ray Serve uses it the same way): spill rather than wait for the node.
@@ -323,7 +319,7 @@ class RayBackend:
         return pool.retired if pool is not None else 0
 
     def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
-        holder = _first_node(locations)
+        holder = next(iter(lmdb_nodes(locations)), None)
         if holder is None:
             return  # only the durable copy is left: it needs no help
         on_holder = NodeAffinitySchedulingStrategy(holder, soft=False)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierflow.cache.settings import CacheSettings
-from tierflow.cache.tiered import REMOTE
+from tierflow.cache.tiered import REMOTE, lmdb_location
 from tierflow.engine.backend import Backend, RayBackend
 from tierflow.engine.journal import Journal
 from tierflow.engine.progress import Progress, StepView, summary_table
@@ -259,7 +259,7 @@ class Executor:
         replicas = self.settings.replicas
         for node in self.backend.lost_nodes():
             self.nodes_lost.append({"node": node, "at_s": round(time.monotonic() - self._started, 3)})
-            gone = f"lmdb:{node}"
+            gone = lmdb_location(node)
             for (step, block), locs in self._locations.items():
                 if gone not in locs:
                     continue
