@@ -33,6 +33,14 @@ from tierflow.triton.server import TritonServer, wait_until_ready
 
 REPORT_NAME = "report.json"
 
+# Ray stops an idle task worker after 1 s when its node has no free CPU for it, which a
+# busy pipeline (actors, the other stages' tasks) makes the usual case: the stage's next
+# task then pays a new Python worker (~1 CPU-s of imports). On a 2-node benchmark cluster
+# that churn cost more CPU than the pipeline itself (docs/throughput-benchmarks.md).
+# Applied to the embedded Ray; a standing cluster sets it in its nodes' environment
+# (RAY_idle_worker_killing_time_threshold_ms).
+RAY_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 30_000}
+
 
 def cache_settings(manifest: Manifest) -> CacheSettings:
     return cache_settings_from(manifest.cache, manifest.resolve)
@@ -87,6 +95,7 @@ def ray_session(manifest: Manifest, address: str | None) -> Iterator[None]:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs["address"] = "local"  # a new embedded instance, even if `ray start` ran here
         kwargs["num_cpus"] = manifest.ray.num_cpus or max(os.cpu_count() or 1, _cpus_needed(manifest))
+        kwargs["_system_config"] = RAY_SYSTEM_CONFIG
     ray.init(**kwargs)
     try:
         yield

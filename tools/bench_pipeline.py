@@ -13,7 +13,9 @@ other users' jobs use fewer than C cores, default 0.5, over 3 s: the machine is 
 ``--num-cpus N`` (logical CPUs of the Ray instance both systems share; default 3, what
 tierflow's embedded Ray would give this manifest), ``--cluster`` (also run both systems on
 a 2-node ``ray.cluster_utils.Cluster``, where ``replicas: 2`` has a second node to put
-its copy on), ``--quick`` (100k rows, 1 round: a smoke run).
+its copy on), ``--ray-default-config`` (start Ray with its own default system config rather
+than the one tierflow gives its embedded Ray, ``tierflow.run.RAY_SYSTEM_CONFIG``; both systems
+share the Ray instance either way), ``--quick`` (100k rows, 1 round: a smoke run).
 
 The pipeline (the stage functions are in this file, importable as ``bench_pipeline``)::
 
@@ -633,6 +635,9 @@ def main() -> None:
                     help="before each run, wait up to this long for other jobs to calm down (0: never wait)")
     ap.add_argument("--quiet-cores", type=float, default=0.5,
                     help="'calm' = other jobs use fewer cores than this over 3 s")
+    ap.add_argument("--ray-default-config", action="store_true",
+                    help="start Ray with its default system config instead of tierflow's embedded one "
+                         "(RAY_SYSTEM_CONFIG: idle task workers kept 30 s); both systems share it either way")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", help="scratch directory (default: a new temp dir, removed at the end)")
     args = ap.parse_args()
@@ -647,16 +652,18 @@ def main() -> None:
     import ray
     import ray.data
 
+    from tierflow.run import RAY_SYSTEM_CONFIG
     from tierflow.triton.server import TritonServer
 
     _PlanCatcher.install()
+    system_config = {} if args.ray_default_config else dict(RAY_SYSTEM_CONFIG)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"argv": sys.argv[1:], "machine": machine(), "rows": args.rows,
                               "block_rows": args.block_rows, "num_cpus": args.num_cpus,
                               "task_concurrency": args.task_concurrency, "triton_batch": args.triton_batch,
-                              "max_inflight": args.max_inflight}
+                              "max_inflight": args.max_inflight, "ray_system_config": system_config}
     t_all = time.time()
     try:
         t = time.time()
@@ -671,7 +678,7 @@ def main() -> None:
             if not args.no_single:
                 t = time.time()
                 ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
-                         runtime_env=ray_env)
+                         runtime_env=ray_env, _system_config=system_config)
                 report["ray_startup_s"] = round(time.time() - t, 2)
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 print(f"single node: {args.num_cpus} logical CPUs on {os.cpu_count()} cores, {args.rows:,} rows, "
@@ -684,7 +691,8 @@ def main() -> None:
 
                 per_node = max(2, (args.num_cpus + 1) // 2)
                 t = time.time()
-                cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node})
+                cluster = Cluster(initialize_head=True,
+                                  head_node_args={"num_cpus": per_node, "_system_config": system_config})
                 cluster.add_node(num_cpus=per_node)
                 ray.init(address=cluster.address, runtime_env=ray_env, logging_level="WARNING")
                 cluster.wait_for_nodes()

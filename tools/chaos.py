@@ -257,8 +257,10 @@ class LocalCluster:
         import ray
         from ray.cluster_utils import Cluster
 
+        from tierflow.run import RAY_SYSTEM_CONFIG  # the embedded Ray's settings, for both systems
+
         self.cluster = Cluster(initialize_head=True,
-                               head_node_args={"num_cpus": 0, "_system_config": dict(FAST_HEALTH)})
+                               head_node_args={"num_cpus": 0, "_system_config": {**FAST_HEALTH, **RAY_SYSTEM_CONFIG}})
         self.workers = [self.cluster.add_node(**self._node_args()) for _ in range(self.n_nodes)]
         path = os.pathsep.join([*self.pythonpath, *(p for p in [os.environ.get("PYTHONPATH")] if p)])
         for p in reversed(self.pythonpath):
