@@ -130,6 +130,8 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
         if len(held) >= 12:
             break
         time.sleep(0.05)
+    if "error" in result:
+        raise result["error"]  # the run failed before the fault: show why
     assert len(held) >= 12, f"stage a never got ahead: {result}"
     writers = Counter(entry[3][0].split(":", 1)[1] for entry in held.values())
     victim_id, _ = writers.most_common(1)[0]

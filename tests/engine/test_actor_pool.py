@@ -14,8 +14,21 @@ pytestmark = pytest.mark.ray
 
 @ray.remote(num_cpus=0)
 class Echo:
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def stopped(actor: object, timeout_s: float = 30.0) -> bool:
+    """Whether ``actor`` dies within ``timeout_s`` (``ray.kill`` goes through the GCS, so a
+    call sent right after it may still be served)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=timeout_s)  # type: ignore[attr-defined]
+        except ray.exceptions.RayActorError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +43,20 @@ def test_pool_scales_between_min_and_max(local_ray: None) -> None:
     assert len(pool.actors) == 1 and pool.idle == 3
     busy = [pool.acquire() for _ in range(3)]  # backlog: two more actors start at once
     assert len(pool.actors) == 3 and pool.started == 3 and pool.idle == 0
-    assert ray.get([a.ready.remote() for a in busy]) == [True] * 3
+    node = ray.get_runtime_context().get_node_id()
+    assert ray.get([a.ready.remote() for a in busy]) == [node] * 3
     for a in busy:
-        pool.release(a)
+        pool.release(a, node)
     again = pool.acquire()
     assert again is busy[-1]  # reuse, most recently used first
-    pool.release(again)
+    pool.release(again, node)
     time.sleep(0.3)
     pool.shrink()
     assert len(pool.actors) == 1  # back to min once idle
-    pool.replace(pool.actors[0])
-    assert pool.actors == [] and pool.idle == 3
-    assert pool.acquire() is not None and pool.started == 4
+    gone = pool.actors[0]
+    pool.replace(gone)  # under min: the successor starts now, not when a block needs it
+    assert len(pool.actors) == 1 and pool.started == 4 and pool.actors[0] is not gone
+    assert pool.acquire() is pool.actors[0]
     pool.shutdown()
 
 
@@ -49,16 +64,32 @@ def test_an_actor_failing_too_often_is_retired_and_replaced(local_ray: None) -> 
     pool = ActorPool(None, lambda: Echo.remote(), min_size=2, max_size=2)  # type: ignore[arg-type]
     bad, good = pool.acquire(), pool.acquire()
     for _ in range(RETIRE_AFTER - 1):
-        pool.release(bad, failed=True)
+        pool.release(bad, "", failed=True)
         assert pool.acquire() is bad  # still in service: failures below the limit
-    pool.release(good, failed=True)  # a failure elsewhere does not count against ``bad``
+    pool.release(good, "", failed=True)  # a failure elsewhere does not count against ``bad``
     pool.acquire()
-    pool.release(bad, failed=True)
+    pool.release(bad, "", failed=True)
     assert pool.retired == 1 and bad not in pool.actors and good in pool.actors
     fresh = pool.acquire()
     assert fresh is not bad and fresh is not good and ray.get(fresh.ready.remote())
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(bad.ready.remote(), timeout=30)  # stopped, not just set aside
+    assert stopped(bad)  # stopped, not just set aside
+    pool.shutdown()
+
+
+def test_the_actors_of_a_lost_node_are_dropped_and_succeeded_at_once(local_ray: None) -> None:
+    pool = ActorPool(None, lambda: Echo.remote(), min_size=2, max_size=3)  # type: ignore[arg-type]
+    pool.wait_ready(30)  # learns where each actor runs
+    node = ray.get_runtime_context().get_node_id()
+    idle, busy = pool.actors[0], pool.acquire()
+    pool.lose_node("some-other-node")
+    assert pool.actors == [idle, busy]
+    pool.lose_node(node)
+    assert idle not in pool.actors and busy not in pool.actors and pool.started == 4
+    assert len(pool.actors) == 2 and pool.idle == 3  # two successors, idle, already starting
+    pool.release(busy, node)  # the lost actor's block came back: it is not taken back
+    assert busy not in pool.actors and pool.idle == 3
+    assert stopped(idle) and stopped(busy)
+    assert ray.get([pool.acquire().ready.remote() for _ in range(2)]) == [node, node]
     pool.shutdown()
 
 

@@ -119,6 +119,8 @@ class ActorPool:
     idle for ``idle_s`` is stopped while more than ``min_size`` remain. An actor whose
     blocks fail ``RETIRE_AFTER`` times within ``RETIRE_WINDOW_S`` gets no more work: it is
     stopped and a fresh one takes its place (a poisoned model, a broken device, a leak).
+    The actors of a lost node are dropped as soon as the node's death is known, so no block
+    is sent to them, and a pool left under ``min_size`` starts their successors at once.
     """
 
     def __init__(
@@ -134,12 +136,13 @@ class ActorPool:
         self.started = len(self.actors)
         self.retired = 0
         self._strikes: dict[Any, deque[float]] = {}
+        self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until every actor is constructed. Raises naming the stage."""
         refs = [a.ready.remote() for a in self.actors]
         try:
-            ray.get(refs, timeout=timeout_s)
+            self._where.update(zip(self.actors, ray.get(refs, timeout=timeout_s)))
         except GetTimeoutError:
             cfg = self.stage.config
             raise TierflowError(
@@ -157,13 +160,21 @@ class ActorPool:
     def acquire(self) -> Any:
         if self._idle:
             return self._idle.pop()[0]  # the most recently used: keeps the others idle to shrink
+        return self._start()
+
+    def _start(self) -> Any:
         actor = self._factory()
         self.actors.append(actor)
         self.started += 1
         return actor
 
-    def release(self, actor: Any, failed: bool = False) -> None:
-        """Take an actor back after a block; one that failed too often is retired instead."""
+    def release(self, actor: Any, node: str, failed: bool = False) -> None:
+        """Take an actor back after a block that ran on ``node``; one that failed too often
+        is retired instead."""
+        if actor not in self.actors:
+            return  # dropped meanwhile (its node was lost)
+        if node:
+            self._where[actor] = node
         now = time.monotonic()
         if failed:
             strikes = self._strikes.setdefault(actor, deque())
@@ -177,11 +188,22 @@ class ActorPool:
         self._idle.append((actor, now))
 
     def replace(self, actor: Any) -> None:
-        """Drop a dead or hung actor; the pool starts a new one when a block needs it."""
+        """Drop a dead, hung or retired actor. Its successor starts now if the pool fell
+        under ``min_size``, else when a block needs it."""
+        if actor not in self.actors:
+            return  # already dropped
         ray.kill(actor, no_restart=True)
         self.actors.remove(actor)
         self._strikes.pop(actor, None)
+        self._where.pop(actor, None)
         self._idle = deque(entry for entry in self._idle if entry[0] is not actor)
+        if len(self.actors) < self.min_size:
+            self._idle.append((self._start(), time.monotonic()))
+
+    def lose_node(self, node: str) -> None:
+        """Drop the actors known to run on a dead node (their calls fail; no new ones go there)."""
+        for actor in [a for a, n in self._where.items() if n == node]:
+            self.replace(actor)
 
     def shrink(self) -> None:
         """Stop actors idle for longer than ``idle_s``, keeping ``min_size``."""
@@ -311,6 +333,9 @@ class RayBackend:
             gone = self._nodes - alive
             self._nodes -= gone
             self._lost.extend(sorted(gone))
+            for node in gone:
+                for pool in self._pools.values():
+                    pool.lose_node(node)
         lost, self._lost = self._lost, []
         return lost
 
@@ -319,9 +344,10 @@ class RayBackend:
         return pool.retired if pool is not None else 0
 
     def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
-        holder = next(iter(lmdb_nodes(locations)), None)
-        if holder is None:
-            return  # only the durable copy is left: it needs no help
+        holders = lmdb_nodes(locations)
+        if not holders or not self._nodes - set(holders):
+            return  # only the durable copy is left (it needs no help), or no other node to copy to
+        holder = holders[0]
         on_holder = NodeAffinitySchedulingStrategy(holder, soft=False)
         ref = rereplicate_block.options(num_cpus=0, scheduling_strategy=on_holder).remote(
             key, locations, self._settings_ref
@@ -374,10 +400,10 @@ class RayBackend:
         except RayError as exc:  # the worker, actor or node died: the system's fault, retry
             if actor is not None:
                 self._pools[d.step].replace(actor)
-            outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}", retryable=True)
+            outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}", retryable=True, crashed=True)
         else:
             if actor is not None:
-                self._pools[d.step].release(actor, failed=not outcome.ok)
+                self._pools[d.step].release(actor, outcome.node, failed=not outcome.ok)
         return None if discarded else (d, outcome)
 
     def can_add(self, step: int) -> bool:

@@ -85,6 +85,7 @@ class Executor:
     )
     _watched_at: float = field(init=False, default=0.0)
     _delayed: list[tuple[float, int, int, Dispatch, tuple[str, ...]]] = field(init=False, default_factory=list)
+    _crashed: set[tuple[int, int]] = field(init=False, default_factory=set)  # retried at once
     _started: float = field(init=False, default=0.0)
     _failures: dict[tuple[int, str], deque[float]] = field(init=False, default_factory=lambda: defaultdict(deque))
     nodes_lost: list[dict[str, Any]] = field(init=False, default_factory=list)
@@ -181,8 +182,11 @@ class Executor:
                 continue
             view.started = view.started or now
             view.executions += 1
-            if a.attempt > 1:  # a retry waits a little: outages (Triton, a store) need time
+            if a.attempt > 1:
                 view.retries += 1
+            if a.attempt > 1 and (a.step, a.block) not in self._crashed:
+                # a retry waits a little: outages (Triton, a store) need time; a step whose
+                # worker or node died goes again at once, elsewhere (it is not an outage)
                 delay = min(RETRY_BASE_S * 2 ** (a.attempt - 2), RETRY_MAX_S) * (0.5 + random.random() / 2)
                 heapq.heappush(self._delayed, (now + delay, a.step, a.block, a, inputs))
                 continue
@@ -256,7 +260,6 @@ class Executor:
         """Note dead nodes (report), stop pointing readers at the copies they held, and
         bring the blocks still waiting for a reader back to ``replicas`` copies, so that
         the next lost node costs no recomputation either."""
-        replicas = self.settings.replicas
         for node in self.backend.lost_nodes():
             self.nodes_lost.append({"node": node, "at_s": round(time.monotonic() - self._started, 3)})
             gone = lmdb_location(node)
@@ -265,8 +268,7 @@ class Executor:
                     continue
                 left = tuple(loc for loc in locs if loc != gone)
                 self._locations[(step, block)] = left
-                if left and REMOTE not in left and len(left) < replicas:
-                    self.backend.rereplicate(step, block, self.plan.key(step, block), left)
+                self._top_up(step, block, left)
         for step, block, added in self.backend.new_copies():
             locs = self._locations.get((step, block))
             if locs is None:
@@ -275,6 +277,13 @@ class Executor:
             self.views[step].rereplicated += 1
             if self.journal is not None:
                 self.journal.add_locations(self.plan.stages[step].name, block, added)
+
+    def _top_up(self, step: int, block: int, locations: tuple[str, ...]) -> None:
+        """Copy a block waiting for its reader to more nodes when it has fewer than
+        ``replicas`` copies (its node died, or a peer write failed under load) and no
+        durable one: losing its last node would otherwise mean recomputing it."""
+        if locations and REMOTE not in locations and len(locations) < self.settings.replicas:
+            self.backend.rereplicate(step, block, self.plan.key(step, block), locations)
 
     def _blame(self, step: int, node: str) -> None:
         """Exclude a node from a stage after BLACKLIST_FAILURES failures there within
@@ -302,7 +311,10 @@ class Executor:
         del self._running[key]
         if run.copies > 1:
             self.backend.cancel(d, None)  # first finisher wins; writes are idempotent by key
+        self._crashed.discard(key)
         if not outcome.ok:
+            if outcome.crashed:
+                self._crashed.add(key)
             if outcome.node:
                 self._blame(d.step, outcome.node)
             return Failed(d.step, d.block, outcome.error, outcome.retryable, outcome.lost_input)
@@ -321,6 +333,7 @@ class Executor:
                 j.record_part(d.block, meta)
         else:
             self._locations[(d.step, d.block)] = meta.locations
+            self._top_up(d.step, d.block, meta.locations)
             if j is not None:
                 j.record_block(self.plan.stages[d.step].name, d.block, meta.rows, meta.nbytes, meta.checksum,
                                meta.locations)

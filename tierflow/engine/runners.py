@@ -46,6 +46,7 @@ class Outcome:
     rows_in: int = 0
     seconds: float = 0.0
     node: str = ""  # the Ray node it ran on ("" when unknown: the worker died)
+    crashed: bool = False  # its worker, actor or node died under it (not the step's own failure)
     rejected: int = 0  # input rows set aside as dead letters (``on_error: skip_rows``)
 
 
@@ -343,5 +344,6 @@ class StageActor:
     def run(self, source: Source | None, io: StepIO) -> Outcome:
         return run_step(self._transform, source, io, self._settings)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The node this actor runs on (once it is constructed)."""
+        return ray.get_runtime_context().get_node_id()
