@@ -81,3 +81,14 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
 
 def test_base_dir_cannot_be_set_from_yaml(tmp_path: Path) -> None:
     assert problems(tmp_path, GOOD + "base_dir: /etc\n") == [("base_dir", "unknown field")]
+
+
+def test_a_credential_in_clear_is_rejected_without_echoing_it(tmp_path: Path) -> None:
+    text = GOOD.replace("block_rows: 100}", "block_rows: 100, storage_options: {secret: hunter2, region: eu}}")
+    text += "cache: {remote_url: 's3://b/tf', storage_options: {key: '${AWS_ACCESS_KEY_ID}', token: abc123}}\n"
+    probs = problems(tmp_path, text)
+    assert [loc for loc, _ in probs] == ["source.storage_options", "cache.storage_options"]
+    assert "['secret'] looks like a credential" in probs[0][1] and "'token'" in probs[1][1]
+    assert "hunter2" not in str(probs) and "abc123" not in str(probs)
+    ok = load_manifest(write(tmp_path, text.replace("hunter2", "'${S3_SECRET}'").replace("abc123", "'${S3_TOKEN}'")))
+    assert ok.source.storage_options["secret"] == "${S3_SECRET}"  # resolved at run time, in the workers

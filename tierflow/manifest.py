@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tierflow.cache.settings import check_storage_options
 from tierflow.errors import ManifestError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -37,6 +38,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_clear_credentials(options: dict[str, str]) -> dict[str, str]:
+    check_storage_options(options)
+    return options
+
+
+#: fsspec keyword arguments; credentials only as ``${ENV_VAR}`` references, never in clear
+StorageOptions = Annotated[dict[str, str], AfterValidator(_no_clear_credentials)]
+
+
 class SourceConfig(_Model):
     """Where rows come from. Split into deterministic blocks of ``block_rows``."""
 
@@ -44,9 +54,7 @@ class SourceConfig(_Model):
     path: str = Field(description="fsspec URL, path or glob (relative to the manifest)")
     columns: tuple[str, ...] | None = Field(None, description="columns to read (default all)")
     block_rows: int = Field(10_000, gt=0, description="rows per block")
-    storage_options: dict[str, str] = Field(
-        default_factory=dict, description="fsspec options; secrets as ${ENV_VAR}"
-    )
+    storage_options: StorageOptions = Field(default_factory=dict, description="fsspec options; secrets as ${ENV_VAR}")
 
 
 class _StageBase(_Model):
@@ -154,7 +162,7 @@ class SinkConfig(_Model):
     dead_letters: str | None = Field(
         None, description="where failed blocks go with on_error: skip (default <path>/_dead_letters)"
     )
-    storage_options: dict[str, str] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=dict, description="fsspec options; secrets as ${ENV_VAR}")
 
 
 class RayConfig(_Model):
@@ -182,7 +190,7 @@ class CacheConfig(_Model):
     memory_bytes: int = Field(256 << 20, ge=0, description="in-process LRU capacity")
     lmdb_bytes: int = Field(8 << 30, gt=0, description="LMDB capacity before LRU eviction")
     remote_url: str | None = Field(None, description="durable fsspec store, e.g. s3://bucket/tf")
-    storage_options: dict[str, str] = Field(default_factory=dict, description="${ENV} for secrets")
+    storage_options: StorageOptions = Field(default_factory=dict, description="fsspec options; secrets as ${ENV_VAR}")
     replicas: int = Field(1, ge=1, le=8, description="copies in distinct failure domains")
     compression_level: int | None = Field(None, ge=1, le=22, description="zstd level for remote")
 

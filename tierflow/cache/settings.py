@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CacheSettings", "FrozenOptions", "resolve_storage_options", "secret_values"]
+__all__ = ["CacheSettings", "FrozenOptions", "check_storage_options", "resolve_storage_options", "secret_values"]
 
 GiB = 1 << 30
 
@@ -32,6 +32,18 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CREDENTIAL_NAME = re.compile(
     r"(^key$|secret|password|passwd|token|credential|access_key|private)", re.IGNORECASE
 )
+
+
+def check_storage_options(options: Mapping[str, Any]) -> None:
+    """Raise ValueError (naming the option, never its value) for a credential in clear."""
+    for name, value in options.items():
+        if not isinstance(name, str):
+            raise ValueError(f"storage_options key {name!r} is not a string")
+        if _CREDENTIAL_NAME.search(name) and not (isinstance(value, str) and _VAR.fullmatch(value)):
+            raise ValueError(
+                f"storage_options[{name!r}] looks like a credential: write it as ${{VAR}} "
+                "and set VAR in the environment"
+            )
 
 
 def _freeze(value: Any) -> Any:
@@ -140,16 +152,7 @@ class CacheSettings:
             raise ValueError("remote_timeout_s must be > 0")
         if "{node}" in self.root and self.remote_url is None:
             raise ValueError("a root with {node} needs an explicit remote_url (a shared store)")
-        for name, value in self.storage_options.items():
-            if not isinstance(name, str):
-                raise ValueError(f"storage_options key {name!r} is not a string")
-            if _CREDENTIAL_NAME.search(name) and not (
-                isinstance(value, str) and _VAR.fullmatch(value)
-            ):
-                raise ValueError(
-                    f"storage_options[{name!r}] looks like a credential: write it as ${{VAR}} "
-                    "and set VAR in the environment"
-                )
+        check_storage_options(self.storage_options)
 
     @property
     def durable_url(self) -> str:
