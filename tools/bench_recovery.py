@@ -52,6 +52,9 @@ map_batches x 20 -> write_parquet``; task stages
 
 Measured per run: wall time of the whole call (planning, actor start-up and the write
 included, for both); ``time ratio`` = fault run / the same system's fault-free run.
+Where a fault's time goes: ``last_stage_max_gap_s``, the longest wait between two finished
+calls of the last (slowest) stage, and in a fault run ``last_stage_stall_after_fault_s``,
+from the removal to that stage's next finished call.
 Executions are counted by the stage functions themselves (one ``start`` and one ``end``
 line per call, with the block's first row id), identically for both systems:
 ``calls repeated after finishing`` = calls of a (stage, block) that started after the
@@ -316,6 +319,17 @@ def read_log(log: Path) -> list[tuple[str, int, str, int, float]]:
     return rows
 
 
+def last_stage_stall(rows: list[tuple[str, int, str, int, float]], after: float | None = None) -> float:
+    """The longest wait between two finished calls of the last stage (the bottleneck), or,
+    with ``after`` (the removal's time), the wait from then to its next finished call: what
+    the lost node cost the pipeline's slowest stage."""
+    last = stage_name(N_STAGES)
+    ends = sorted(ts for stage, _, event, _, ts in rows if stage == last and event == "end")
+    if after is not None:
+        return round(next((ts - after for ts in ends if ts > after), 0.0), 2)
+    return round(max((b - a for a, b in zip(ends, ends[1:])), default=0.0), 2)
+
+
 def count_executions(rows: list[tuple[str, int, str, int, float]]) -> dict[str, dict[str, int]]:
     """Per stage: calls, distinct blocks, calls started after that (stage, block) had
     already finished once (``reran_after_done``), and other repeated calls (``retried``:
@@ -433,7 +447,8 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
                 recent = recent_outputs(log)
                 counts = per_node(cluster, recent)
                 victim = max(cluster.workers, key=lambda n: counts.get(n, 0))
-                fault_info = {"t_s": round(time.monotonic() - t0, 2), "progress": round(done / total, 3),
+                fault_info = {"t_s": round(time.monotonic() - t0, 2), "at_unix": time.time(),
+                              "progress": round(done / total, 3),
                               "recent_outputs_on_victim": counts.get(victim, 0),
                               "recent_outputs_total": sum(recent.values())}
                 fault_info.update(cluster.replace_node(victim))
@@ -441,12 +456,16 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
             time.sleep(0.05)
     runner.join()
     wall = result.get("wall_s", time.monotonic() - t0)
-    counts = count_executions(read_log(log))
+    rows_log = read_log(log)
+    counts = count_executions(rows_log)
     check, table = check_output(out, rows)
     res = {"system": system, "tag": tag, "fault": fault_info, "wall_s": round(wall, 2), "error": result.get("error"),
            "output": check, "executions": counts,
            "upstream_reexecutions": sum(c["reran_after_done"] for c in counts.values()),
-           "inflight_retries": sum(c["retried"] for c in counts.values())}
+           "inflight_retries": sum(c["retried"] for c in counts.values()),
+           "last_stage_max_gap_s": last_stage_stall(rows_log)}
+    if fault_info is not None:
+        res["last_stage_stall_after_fault_s"] = last_stage_stall(rows_log, fault_info["at_unix"])
     if "report" in result:
         res["report"] = result["report"]
         res["engine_reexecutions"] = sum(int(v.get("reexecutions") or 0) for v in result["report"].values())
@@ -600,7 +619,9 @@ def main() -> int:
                           f"{', waited %.0f s for it' % calm['waited_s'] if calm['waited_s'] >= 1 else ''})"
                           + (f"\n      node removed at {f['progress']:.0%} of calls, t={f['t_s']} s; "
                              f"{f['recent_outputs_on_victim']} of the {f['recent_outputs_total']} stage calls "
-                             f"finished in the 10 s before were there" if f else "")
+                             f"finished in the 10 s before were there; the last stage's next call "
+                             f"finished {r['last_stage_stall_after_fault_s']} s after the removal" if f else "")
+                          + f"\n      longest wait between two calls of the last stage: {r['last_stage_max_gap_s']} s"
                           + (f"  ERROR {r['error']}" if r["error"] else ""), flush=True)
     finally:
         cluster.shutdown()
