@@ -330,7 +330,7 @@ def delete_blocks(keys: list[str], settings: CacheSettings) -> int:
     return sum(bool(cache.delete(k)) for k in keys)
 
 
-@ray.remote(max_restarts=3, max_task_retries=0)
+@ray.remote(max_restarts=0, max_task_retries=0)  # the pool replaces a dead actor itself
 class StageActor:
     """A stateful or model stage: the transform (class instance, Triton client) is built
     once per actor and reused for every block sent to it."""
