@@ -52,7 +52,10 @@ map_batches x 20 -> write_parquet``; task stages
 
 Measured per run: wall time of the whole call (planning, actor start-up and the write
 included, for both); ``time ratio`` = fault run / the same system's fault-free run.
-Where a fault's time goes: ``last_stage_max_gap_s``, the longest wait between two finished
+``fault cost`` (``<system>_fault_cost_s``): the seconds the fault added, = (fault run: time
+from the removal to its end) - (fault-free run: time from the same progress to its end), so
+that a run slowed before the fault by other load on the shared machine is not charged for
+it (the time ratio is). Where a fault's time goes: ``last_stage_max_gap_s``, the longest wait between two finished
 calls of the last (slowest) stage, and in a fault run ``last_stage_stall_after_fault_s``,
 from the removal to that stage's next finished call.
 Executions are counted by the stage functions themselves (one ``start`` and one ``end``
@@ -330,6 +333,27 @@ def last_stage_stall(rows: list[tuple[str, int, str, int, float]], after: float 
     return round(max((b - a for a, b in zip(ends, ends[1:])), default=0.0), 2)
 
 
+def progress_curve(rows: list[tuple[str, int, str, int, float]], t0_unix: float) -> list[float]:
+    """Seconds from the run's start until 5 %, 10 %, ... 100 % of its calls had finished."""
+    ends = sorted(ts for _, _, event, _, ts in rows if event == "end")
+    if not ends:
+        return []
+    return [round(ends[max(0, -(-k * len(ends) // 20) - 1)] - t0_unix, 2) for k in range(1, 21)]
+
+
+def fault_cost(clean: dict[str, Any], faulty: dict[str, Any]) -> float | None:
+    """Seconds the fault added: the fault run's time from the removal to its end minus the
+    clean run's time from the same progress to its end (so that a run that was slower
+    before the fault, from other load on the machine, is not charged for it)."""
+    curve, fault = clean.get("progress_s") or [], faulty["fault"]
+    if len(curve) != 20 or fault is None:
+        return None
+    x = fault["progress"] * 20  # interpolate the clean run's time at the same progress
+    k = min(max(int(x), 1), 19)
+    t_clean = curve[k - 1] + (curve[k] - curve[k - 1]) * (x - k)
+    return round((faulty["wall_s"] - fault["t_s"]) - (clean["wall_s"] - t_clean), 2)
+
+
 def count_executions(rows: list[tuple[str, int, str, int, float]]) -> dict[str, dict[str, int]]:
     """Per stage: calls, distinct blocks, calls started after that (stage, block) had
     already finished once (``reran_after_done``), and other repeated calls (``retried``:
@@ -436,7 +460,7 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
         target = lambda: run_raydata(data, out, url, str(log), args)  # noqa: E731
     result: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: result.update(target()), name=f"{system}-{tag}")
-    t0 = time.monotonic()
+    t0, t0_unix = time.monotonic(), time.time()
     runner.start()
     fault_info: dict[str, Any] | None = None
     if fault:
@@ -463,7 +487,7 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
            "output": check, "executions": counts,
            "upstream_reexecutions": sum(c["reran_after_done"] for c in counts.values()),
            "inflight_retries": sum(c["retried"] for c in counts.values()),
-           "last_stage_max_gap_s": last_stage_stall(rows_log)}
+           "last_stage_max_gap_s": last_stage_stall(rows_log), "progress_s": progress_curve(rows_log, t0_unix)}
     if fault_info is not None:
         res["last_stage_stall_after_fault_s"] = last_stage_stall(rows_log, fault_info["at_unix"])
     if "report" in result:
@@ -637,6 +661,10 @@ def main() -> int:
             continue
         ratios = [f["wall_s"] / c for f, c in zip(faulty, clean)]
         report[f"{system}_time_ratio"] = round(statistics.median(ratios), 3)
+        clean_runs = [r for r in runs if r["system"] == system and r["fault"] is None]
+        costs = [c for c in (fault_cost(c, f) for c, f in zip(clean_runs, faulty)) if c is not None]
+        if costs:
+            report[f"{system}_fault_cost_s"] = round(statistics.median(costs), 2)
         if system == "tierflow":  # its own count: committed blocks recomputed (every copy lost)
             key = "engine_reexecutions"
             report["tierflow_calls_repeated_after_finishing"] = int(statistics.median(
@@ -649,8 +677,8 @@ def main() -> int:
                                          for r in runs if r["system"] == system)
     print(f"\nrecovery from one lost node at {args.at:.0%} ({report['blocks']} blocks x {N_STAGES} stages, "
           f"{args.nodes} nodes; {report['total_s']} s in all)")
-    print(f"  {'system':9s} {'fault-free':>10s} {'with fault':>10s} {'ratio':>6s} {'upstream re-exec':>17s} "
-          f"{'in-flight retries':>18s}  rows ok")
+    print(f"  {'system':9s} {'fault-free':>10s} {'with fault':>10s} {'ratio':>6s} {'fault cost':>10s} "
+          f"{'upstream re-exec':>17s} {'in-flight retries':>18s}  rows ok")
     for system in systems:
         if f"{system}_time_ratio" not in report:
             continue
@@ -658,6 +686,7 @@ def main() -> int:
         faulty = [r for r in runs if r["system"] == system and r["fault"] is not None]
         print(f"  {system:9s} {statistics.median([r['wall_s'] for r in clean]):9.1f}s "
               f"{statistics.median([r['wall_s'] for r in faulty]):9.1f}s {report[f'{system}_time_ratio']:6.2f} "
+              f"{report.get(f'{system}_fault_cost_s', float('nan')):9.1f}s "
               f"{report[f'{system}_upstream_reexecutions']:>17d} {report[f'{system}_inflight_retries']:>18d}  "
               f"{report[f'{system}_all_ok']}")
     if report.get("outputs_identical") is not None:
