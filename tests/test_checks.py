@@ -119,7 +119,8 @@ def test_fingerprints_change_from_the_edited_stage_on(example_dir: Path) -> None
     same = [a.fingerprint == b.fingerprint for a, b in zip(base.stages, changed.stages)]
     assert same == [True, True, True, False, False, False]
     # execution knobs do not change what a stage outputs, so they keep the keys
-    tuned = make_plan(load_manifest(edit(example_dir, lambda d: d["stages"][0].update(concurrency=7))), digest)
+    tuned = make_plan(load_manifest(edit(example_dir, lambda d: (d["stages"][0].update(concurrency=7),
+                                                                  d["stages"][3].update(standby=1)))), digest)
     assert [s.fingerprint for s in tuned.stages] == [s.fingerprint for s in base.stages]
     assert base.key(2, 7) == f"reviews/{base.stages[2].fingerprint[:16]}/embed/000007"
 

@@ -92,3 +92,10 @@ def test_a_credential_in_clear_is_rejected_without_echoing_it(tmp_path: Path) ->
     assert "hunter2" not in str(probs) and "abc123" not in str(probs)
     ok = load_manifest(write(tmp_path, text.replace("hunter2", "'${S3_SECRET}'").replace("abc123", "'${S3_TOKEN}'")))
     assert ok.source.storage_options["secret"] == "${S3_SECRET}"  # resolved at run time, in the workers
+
+
+def test_standby_needs_an_actor_stage(tmp_path: Path) -> None:
+    probs = problems(tmp_path, GOOD.replace('fn: "mod:f"}', 'fn: "mod:f", standby: 1}'))
+    assert probs == [("stages[0]", "standby keeps spare actors: it needs 'cls' ('fn' stages run as tasks)")]
+    m = load_manifest(write(tmp_path, GOOD.replace("outputs: {Y: y}}", "outputs: {Y: y}, standby: 2}")))
+    assert m.stages[1].standby == 2

@@ -81,6 +81,13 @@ class _StageBase(_Model):
     speculate_after: float | None = Field(
         3.0, gt=1, description="run a second copy of a block slower than this x the stage median"
     )
+    standby: int = Field(
+        0, ge=0, le=8,
+        description=(
+            "actor stages: spare actors kept constructed (spread over nodes) that take over at once "
+            "from an actor that dies, instead of a new one starting then; each holds its resources"
+        ),
+    )
 
 
     @model_validator(mode="after")
@@ -99,7 +106,7 @@ class _StageBase(_Model):
 # How a step runs and fails: a fused stage takes these from the stage it runs with.
 _STEP_FIELDS = {
     "concurrency", "num_cpus", "checkpoint", "max_attempts", "retry_on", "on_error", "block_timeout_s",
-    "speculate_after",
+    "speculate_after", "standby",
 }
 
 
@@ -128,6 +135,8 @@ class PythonStage(_StageBase):
     def _one_callable(self) -> PythonStage:
         if (self.fn is None) == (self.cls is None):
             raise ValueError("give exactly one of 'fn' (a function) or 'cls' (a class)")
+        if self.standby and self.fn is not None:
+            raise ValueError("standby keeps spare actors: it needs 'cls' ('fn' stages run as tasks)")
         return self
 
     @property

@@ -81,8 +81,8 @@ class InlineBackend:
     def lost_nodes(self) -> list[str]:
         return []
 
-    def retired_actors(self, step: int) -> int:
-        return 0
+    def actor_counts(self, step: int) -> tuple[int, int]:
+        return 0, 0
 
     def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
         pass

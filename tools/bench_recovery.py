@@ -41,7 +41,9 @@ two nodes), a ``file://`` durable store (the sink), the same Triton server by UR
 stages ``concurrency: 2, num_cpus: 1``; actor stages and the Triton stage one actor of
 0.5 CPU; speculative copies of stragglers off (``speculate_after: null``; ``--speculate``
 turns them on): Ray Data has no speculation, and on a loaded machine they fire in
-fault-free runs and would be counted as repeated work. ``--fuse``: every run of task stages
+fault-free runs and would be counted as repeated work. ``--standby N``: N constructed
+spare actors per actor stage, off its working actor's node (Ray Data has no equivalent).
+``--fuse``: every run of task stages
 is fused into the stage after it (``fuse: true``, the same grouping Ray Data makes), so
 tierflow caches 5 blocks per input block instead of 20. Ray Data: ``read_parquet ->
 map_batches x 20 -> write_parquet``; task stages
@@ -249,6 +251,10 @@ def manifest_doc(name: str, data: Path, out: Path, cache: Path, durable: Path, u
             if "fn" in st:
                 st["fuse"] = True
                 del st["concurrency"], st["num_cpus"]
+    if args.standby:  # a constructed spare per actor stage, off its working actor's node
+        for st in stages:
+            if "cls" in st or st["kind"] == "triton":
+                st["standby"] = args.standby
     if not args.speculate:
         for st in doc["stages"]:
             if not st.get("fuse"):
@@ -564,6 +570,8 @@ def main() -> int:
     ap.add_argument("--max-inflight", type=int, default=4)
     ap.add_argument("--fuse", action="store_true",
                     help="tierflow: fuse each run of task stages into the stage after it (fuse: true), as Ray Data does")
+    ap.add_argument("--standby", type=int, default=0,
+                    help="tierflow: spare actors per actor stage (standby: N); Ray Data has no equivalent")
     ap.add_argument("--speculate", action="store_true",
                     help="leave tierflow's speculative copies of stragglers on (off by default: Ray Data has none, "
                          "and their extra calls would be counted as repeated work)")

@@ -39,7 +39,7 @@ def local_ray():  # type: ignore[no-untyped-def]
 
 
 def test_pool_scales_between_min_and_max(local_ray: None) -> None:
-    pool = ActorPool(None, lambda: Echo.remote(), min_size=1, max_size=3, idle_s=0.2)  # type: ignore[arg-type]
+    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=1, max_size=3, idle_s=0.2)  # type: ignore[arg-type]
     assert len(pool.actors) == 1 and pool.idle == 3
     busy = [pool.acquire() for _ in range(3)]  # backlog: two more actors start at once
     assert len(pool.actors) == 3 and pool.started == 3 and pool.idle == 0
@@ -61,7 +61,7 @@ def test_pool_scales_between_min_and_max(local_ray: None) -> None:
 
 
 def test_an_actor_failing_too_often_is_retired_and_replaced(local_ray: None) -> None:
-    pool = ActorPool(None, lambda: Echo.remote(), min_size=2, max_size=2)  # type: ignore[arg-type]
+    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=2, max_size=2)  # type: ignore[arg-type]
     bad, good = pool.acquire(), pool.acquire()
     for _ in range(RETIRE_AFTER - 1):
         pool.release(bad, "", failed=True)
@@ -77,7 +77,7 @@ def test_an_actor_failing_too_often_is_retired_and_replaced(local_ray: None) -> 
 
 
 def test_the_actors_of_a_lost_node_are_dropped_and_succeeded_at_once(local_ray: None) -> None:
-    pool = ActorPool(None, lambda: Echo.remote(), min_size=2, max_size=3)  # type: ignore[arg-type]
+    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=2, max_size=3)  # type: ignore[arg-type]
     pool.wait_ready(30)  # learns where each actor runs
     node = ray.get_runtime_context().get_node_id()
     idle, busy = pool.actors[0], pool.acquire()
@@ -91,6 +91,30 @@ def test_the_actors_of_a_lost_node_are_dropped_and_succeeded_at_once(local_ray: 
     assert stopped(idle) and stopped(busy)
     assert ray.get([pool.acquire().ready.remote() for _ in range(2)]) == [node, node]
     pool.shutdown()
+
+
+def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> None:
+    asked: list[set[str]] = []
+
+    def factory(avoid: object) -> object:
+        asked.append(set(avoid))  # type: ignore[call-overload]
+        return Echo.remote()
+
+    pool = ActorPool(None, factory, min_size=1, max_size=1, standby=1)  # type: ignore[arg-type]
+    pool.wait_ready(30)
+    node = ray.get_runtime_context().get_node_id()
+    assert asked == [set(), {node}]  # the spare is asked to stay off the working actor's node
+    working = pool.actors[0]
+    deadline = time.monotonic() + 30
+    while not pool._built_spares() and time.monotonic() < deadline:  # let it construct
+        time.sleep(0.05)
+    spare = pool._built_spares()[0]
+    pool.replace(working)  # died
+    assert pool.actors == [spare] and pool.took_over == 1  # constructed already: no wait
+    assert len(asked) == 3 and pool.started == 3  # and a new spare is on its way
+    assert ray.get(pool.acquire().ready.remote()) == node
+    pool.shutdown()
+    assert stopped(spare) and stopped(working)
 
 
 def test_concurrency_accepts_a_range() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import ray
@@ -94,8 +94,9 @@ class Backend(Protocol):
         """Nodes found dead since the last call (Ray's node table)."""
         ...
 
-    def retired_actors(self, step: int) -> int:
-        """Actors of ``step`` retired so far for failing too often (0 for task stages)."""
+    def actor_counts(self, step: int) -> tuple[int, int]:
+        """Actors of ``step`` so far: retired for failing too often, and standby spares that
+        took over ((0, 0) for task stages)."""
         ...
 
     def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
@@ -121,20 +122,35 @@ class ActorPool:
     stopped and a fresh one takes its place (a poisoned model, a broken device, a leak).
     The actors of a lost node are dropped as soon as the node's death is known, so no block
     is sent to them, and a pool left under ``min_size`` starts their successors at once.
+
+    ``standby`` spares are constructed ahead, away from the nodes of the working actors,
+    and get no blocks: a new actor (a successor, or growth under backlog) is a constructed
+    spare when there is one, so it takes over in the time of a call instead of a process
+    start and the stage's construction; a new spare then starts in its place.
+    ``factory(avoid)`` starts an actor on a node outside ``avoid`` where possible.
     """
 
     def __init__(
-        self, stage: StagePlan, factory: Callable[[], Any], min_size: int, max_size: int, idle_s: float = 30.0
+        self,
+        stage: StagePlan,
+        factory: Callable[[Collection[str]], Any],
+        min_size: int,
+        max_size: int,
+        idle_s: float = 30.0,
+        standby: int = 0,
     ) -> None:
         self.stage = stage
         self._factory = factory
         self.max_size = max_size
         self.min_size = min_size
         self.idle_s = idle_s
-        self.actors = [factory() for _ in range(min_size)]
+        self.standby = standby
+        self.actors = [factory(()) for _ in range(min_size)]
         self._idle: deque[tuple[Any, float]] = deque((a, time.monotonic()) for a in self.actors)
         self.started = len(self.actors)
         self.retired = 0
+        self.took_over = 0  # spares that became working actors
+        self._spares: dict[Any, Any] = {}  # spare -> its ready() call (resolves to its node)
         self._strikes: dict[Any, deque[float]] = {}
         self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
 
@@ -143,6 +159,7 @@ class ActorPool:
         refs = [a.ready.remote() for a in self.actors]
         try:
             self._where.update(zip(self.actors, ray.get(refs, timeout=timeout_s)))
+            self._add_spares()
         except GetTimeoutError:
             cfg = self.stage.config
             raise TierflowError(
@@ -163,10 +180,49 @@ class ActorPool:
         return self._start()
 
     def _start(self) -> Any:
-        actor = self._factory()
+        actor = self._take_spare()
+        if actor is None:
+            actor = self._factory(())
+            self.started += 1
         self.actors.append(actor)
-        self.started += 1
+        self._add_spares()
         return actor
+
+    def _add_spares(self) -> None:
+        working = {self._where[a] for a in self.actors if a in self._where}
+        while len(self._spares) < self.standby:
+            spare = self._factory(working)
+            self._spares[spare] = spare.ready.remote()
+            self.started += 1
+
+    def _take_spare(self) -> Any | None:
+        """A constructed spare, or None (one still starting is left to start: it may have
+        no node to run on yet)."""
+        built = self._built_spares()
+        if not built:
+            return None
+        del self._spares[built[0]]
+        self.took_over += 1
+        return built[0]
+
+    def _built_spares(self) -> list[Any]:
+        """The spares constructed by now, their nodes noted; dead ones dropped."""
+        if not self._spares:
+            return []
+        ready, _ = ray.wait(list(self._spares.values()), num_returns=len(self._spares), timeout=0)
+        for spare, ref in list(self._spares.items()):
+            if spare in self._where or ref not in ready:
+                continue
+            try:
+                self._where[spare] = ray.get(ref)
+            except RayError:  # died while waiting (its node was lost)
+                self._drop_spare(spare)
+        return [a for a in self._spares if a in self._where]
+
+    def _drop_spare(self, spare: Any) -> None:
+        del self._spares[spare]
+        self._where.pop(spare, None)
+        ray.kill(spare, no_restart=True)
 
     def release(self, actor: Any, node: str, failed: bool = False) -> None:
         """Take an actor back after a block that ran on ``node``; one that failed too often
@@ -201,9 +257,13 @@ class ActorPool:
             self._idle.append((self._start(), time.monotonic()))
 
     def lose_node(self, node: str) -> None:
-        """Drop the actors known to run on a dead node (their calls fail; no new ones go there)."""
-        for actor in [a for a, n in self._where.items() if n == node]:
+        """Drop the actors and spares known to run on a dead node (no block goes there);
+        successors come from the spares left."""
+        for spare in [a for a in self._built_spares() if self._where[a] == node]:
+            self._drop_spare(spare)
+        for actor in [a for a, n in self._where.items() if n == node and a in self.actors]:
             self.replace(actor)
+        self._add_spares()
 
     def shrink(self) -> None:
         """Stop actors idle for longer than ``idle_s``, keeping ``min_size``."""
@@ -215,7 +275,7 @@ class ActorPool:
             ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in [*self.actors, *self._spares]:
             ray.kill(a, no_restart=True)
 
 
@@ -233,6 +293,7 @@ class RayBackend:
         self._copies: dict[Any, tuple[int, int]] = {}  # re-replications in flight
         self._excluded: dict[int, set[str]] = {}
         self._lost: list[str] = []
+        self._nodes: set[str] = set()  # nodes with a cache server, i.e. alive at the last look
         self._nodes_at = 0.0
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
@@ -246,10 +307,11 @@ class RayBackend:
                 continue
             self._pools[s.index] = ActorPool(
                 s,
-                lambda s=s: StageActor.options(**self._options(s.index)).remote(  # type: ignore[attr-defined]
+                lambda avoid, s=s: StageActor.options(**self._options(s.index, avoid)).remote(  # type: ignore[attr-defined]
                     s.chain, triton_url, settings
                 ),
                 *s.config.concurrency_range,
+                standby=s.config.standby,
             )
         self._servers_at = time.monotonic()
         self._nodes = set(start_cache_servers(settings))  # peer replicas go through these
@@ -288,10 +350,15 @@ class RayBackend:
                 ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
 
-    def _options(self, step: int) -> dict[str, Any]:
+    def _options(self, step: int, avoid: Collection[str] = ()) -> dict[str, Any]:
+        """Resources, and the nodes to stay off: those excluded from the stage, and ``avoid``
+        (a spare's working actors' nodes) while another node is left to run on."""
         opts: dict[str, Any] = {"num_cpus": self._plan.stages[step].config.num_cpus}
-        if self._excluded.get(step):
-            opts["label_selector"] = {NODE_ID_LABEL: f"!in({', '.join(sorted(self._excluded[step]))})"}
+        off = set(self._excluded.get(step, ()))
+        if avoid and self._nodes - off - set(avoid):
+            off |= set(avoid)
+        if off:
+            opts["label_selector"] = {NODE_ID_LABEL: f"!in({', '.join(sorted(off))})"}
         return opts
 
     def _near(self, step: int, input_locations: tuple[str, ...]) -> dict[str, Any]:
@@ -339,9 +406,9 @@ class RayBackend:
         lost, self._lost = self._lost, []
         return lost
 
-    def retired_actors(self, step: int) -> int:
+    def actor_counts(self, step: int) -> tuple[int, int]:
         pool = self._pools.get(step)
-        return pool.retired if pool is not None else 0
+        return (pool.retired, pool.took_over) if pool is not None else (0, 0)
 
     def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
         holders = lmdb_nodes(locations)

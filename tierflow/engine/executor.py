@@ -368,7 +368,7 @@ class Executor:
             view.done, view.inflight, view.queued = c.done, c.inflight, c.queued
             view.reexecutions = c.reexecutions
             if step < len(self.plan.stages):
-                view.retired_actors = self.backend.retired_actors(step)
+                view.retired_actors, view.spares_used = self.backend.actor_counts(step)
             if view.done >= view.total and view.finished is None:
                 view.finished = now
 
@@ -381,7 +381,7 @@ class Executor:
                 "reexecutions": v.reexecutions, "dead_letters": v.dead_letters,
                 "dead_letter_rows": v.dead_letter_rows, "timeouts": v.timeouts,
                 "speculated": v.speculated, "excluded_nodes": v.excluded_nodes,
-                "retired_actors": v.retired_actors, "rereplicated": v.rereplicated,
+                "retired_actors": v.retired_actors, "spares_used": v.spares_used, "rereplicated": v.rereplicated,
                 "rows_out": v.rows_out, "busy_s": round(v.busy_s, 3),
             }
             if i < len(self.plan.stages):

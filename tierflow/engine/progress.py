@@ -33,6 +33,7 @@ class StepView:
     timeouts: int = 0
     speculated: int = 0
     retired_actors: int = 0
+    spares_used: int = 0  # standby actors that took over (a dead actor, growth)
     rereplicated: int = 0  # blocks copied to a new node after losing a copy
     excluded_nodes: list[str] = field(default_factory=list)
     busy_s: float = 0.0
@@ -56,7 +57,8 @@ class StepView:
         counts = (
             ("re-executed", self.reexecutions), ("timed out", self.timeouts), ("speculated", self.speculated),
             ("dead blocks", self.dead_letters), ("dead rows", self.dead_letter_rows),
-            ("actors retired", self.retired_actors), ("re-replicated", self.rereplicated),
+            ("actors retired", self.retired_actors), ("spares used", self.spares_used),
+            ("re-replicated", self.rereplicated),
         )
         parts = [f"{label} {n}" for label, n in counts if n]
         if self.excluded_nodes:
