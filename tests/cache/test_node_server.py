@@ -150,7 +150,8 @@ def test_durable_put_places_replicas_minus_one_copies_and_delete_reaches_peers(
         root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store",
         replicas=3, lmdb_map_size=1 << 30,
     )
-    start_cache_servers(settings)
+    servers = start_cache_servers(settings, wait=False)  # returns before they run (the driver's way)
+    assert {n: ray.get(h.node.remote()) for n, h in servers.items()} == {n: n for n in servers}
 
     @ray.remote(num_cpus=1, max_retries=0)
     def put_then_delete(settings: CacheSettings) -> Any:

@@ -135,8 +135,11 @@ class CacheServer:
         return out
 
 
-def start_cache_servers(settings: CacheSettings, nodes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Start (or find) one cache server on each alive node and wait until they answer.
+def start_cache_servers(
+    settings: CacheSettings, nodes: Sequence[str] | None = None, *, wait: bool = True
+) -> dict[str, Any]:
+    """Start (or find) one cache server on each alive node and wait until they answer
+    (``wait=False``: return at once; ``handle.node.remote()`` answers once it runs).
 
     Call from the driver after ``ray.init()``; call again after nodes join. Servers take
     no CPU slot (``num_cpus=0``), belong to the calling job and live until
@@ -158,7 +161,8 @@ def start_cache_servers(settings: CacheSettings, nodes: Sequence[str] | None = N
             get_if_exists=True,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(settings, node_id)
-    ray.get([h.node.remote() for h in handles.values()])
+    if wait:
+        ray.get([h.node.remote() for h in handles.values()])
     # Named actors that are not detached die when their creator's handles are dropped
     # (handles found by name do not count): keep the first handle of each server here for
     # as long as this driver runs (or until stop_cache_servers()), never replace it.

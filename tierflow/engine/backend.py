@@ -7,6 +7,7 @@ in-process fake (``tierflow.testing.InlineBackend``) in scale tests of the drive
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -294,6 +295,7 @@ class RayBackend:
         self._excluded: dict[int, set[str]] = {}
         self._lost: list[str] = []
         self._nodes: set[str] = set()  # nodes with a cache server, i.e. alive at the last look
+        self._joining: dict[Any, str] = {}  # node() calls of cache servers starting on new nodes
         self._nodes_at = 0.0
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
@@ -439,11 +441,16 @@ class RayBackend:
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:
             self._servers_at = time.monotonic()
-            joined = [n for n in alive_nodes() if n not in self._nodes]
-            if joined:
-                self._nodes.update(start_cache_servers(self._settings, joined))
+            self._serve_joined()
             for pool in self._pools.values():
                 pool.shrink()
+        if self._joining:
+            ready, _ = ray.wait(list(self._joining), num_returns=len(self._joining), timeout=0)
+            for ref in ready:
+                node = self._joining.pop(ref)
+                with contextlib.suppress(RayError):  # else the node went again
+                    ray.get(ref)
+                    self._nodes.add(node)
         done, self._synthetic = self._synthetic, []
         if not self._pending and not self._discard:
             if not done:
@@ -458,6 +465,14 @@ class RayBackend:
             if finished is not None:
                 done.append(finished)
         return done
+
+    def _serve_joined(self) -> None:
+        """Start a cache server on each node that joined, without waiting for it: on a new
+        node that means a worker process first, seconds in which no block would move."""
+        joining = set(self._joining.values())
+        joined = [n for n in alive_nodes() if n not in self._nodes and n not in joining]
+        for node, server in start_cache_servers(self._settings, joined, wait=False).items():
+            self._joining[server.node.remote()] = node
 
     def _finish(self, ref: Any) -> tuple[Dispatch, Outcome] | None:
         discarded = ref in self._discard

@@ -340,6 +340,7 @@ class StageActor:
     ) -> None:
         self._settings = settings
         self._transform = make_transform(chain, triton_url)
+        get_cache(settings)  # open the node's LMDB now: a spare must be ready for its first block
 
     def run(self, source: Source | None, io: StepIO) -> Outcome:
         return run_step(self._transform, source, io, self._settings)
