@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +11,11 @@ import pytest
 
 if TYPE_CHECKING:
     from tierflow.triton.server import TritonServer
+
+# Ray's token auth off for every Ray this process starts, before the first one: the tests
+# start several sessions, and a session started with it on breaks actor creation in a
+# later one that turns it off (seen as actors "cancelled before they started running").
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_MODELS = ROOT / "triton_models"
