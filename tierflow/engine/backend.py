@@ -42,6 +42,7 @@ from tierflow.plan import Plan, StagePlan
 SINK_CONCURRENCY = 2
 ACTOR_START_TIMEOUT_S = 120.0
 SERVERS_REFRESH_S = 10.0  # how often to look for nodes that joined and need a cache server
+SPARE_REFILL_S = 10.0  # a spare that took over is replaced this long after (not mid-recovery)
 NODES_REFRESH_S = 1.0  # how often Ray's node table is read to notice dead nodes
 NODE_ID_LABEL = "ray.io/node-id"
 RETIRE_AFTER, RETIRE_WINDOW_S = 3, 120.0  # an actor failing this often is replaced
@@ -127,7 +128,8 @@ class ActorPool:
     ``standby`` spares are constructed ahead, away from the nodes of the working actors,
     and get no blocks: a new actor (a successor, or growth under backlog) is a constructed
     spare when there is one, so it takes over in the time of a call instead of a process
-    start and the stage's construction; a new spare then starts in its place.
+    start and the stage's construction. A new spare starts in its place ``SPARE_REFILL_S``
+    later (:meth:`refill`), not during the recovery it would compete with for CPU.
     ``factory(avoid)`` starts an actor on a node outside ``avoid`` where possible.
     """
 
@@ -154,6 +156,7 @@ class ActorPool:
         self._spares: dict[Any, Any] = {}  # spare -> its ready() call (resolves to its node)
         self._strikes: dict[Any, deque[float]] = {}
         self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
+        self._refill_at = 0.0
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until every actor is constructed. Raises naming the stage."""
@@ -185,9 +188,15 @@ class ActorPool:
         if actor is None:
             actor = self._factory(())
             self.started += 1
+        else:
+            self._refill_at = time.monotonic() + SPARE_REFILL_S
         self.actors.append(actor)
-        self._add_spares()
         return actor
+
+    def refill(self) -> None:
+        """Start the spares that took over, once the last takeover is ``SPARE_REFILL_S`` old."""
+        if time.monotonic() >= self._refill_at:
+            self._add_spares()
 
     def _add_spares(self) -> None:
         working = {self._where[a] for a in self.actors if a in self._where}
@@ -264,7 +273,6 @@ class ActorPool:
             self._drop_spare(spare)
         for actor in [a for a, n in self._where.items() if n == node and a in self.actors]:
             self.replace(actor)
-        self._add_spares()
 
     def shrink(self) -> None:
         """Stop actors idle for longer than ``idle_s``, keeping ``min_size``."""
@@ -444,6 +452,7 @@ class RayBackend:
             self._serve_joined()
             for pool in self._pools.values():
                 pool.shrink()
+                pool.refill()
         if self._joining:
             ready, _ = ray.wait(list(self._joining), num_returns=len(self._joining), timeout=0)
             for ref in ready:
