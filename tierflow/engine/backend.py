@@ -281,6 +281,7 @@ class ActorPool:
             actor, _ = self._idle.popleft()
             self.actors.remove(actor)
             self._strikes.pop(actor, None)
+            self._where.pop(actor, None)
             ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
