@@ -258,10 +258,7 @@ class ActorPool:
         under ``min_size``, else when a block needs it."""
         if actor not in self.actors:
             return  # already dropped
-        ray.kill(actor, no_restart=True)
-        self.actors.remove(actor)
-        self._strikes.pop(actor, None)
-        self._where.pop(actor, None)
+        self._stop(actor)
         self._idle = deque(entry for entry in self._idle if entry[0] is not actor)
         if len(self.actors) < self.min_size:
             self._idle.append((self._start(), time.monotonic()))
@@ -278,11 +275,14 @@ class ActorPool:
         """Stop actors idle for longer than ``idle_s``, keeping ``min_size``."""
         now = time.monotonic()
         while self._idle and len(self.actors) > self.min_size and now - self._idle[0][1] > self.idle_s:
-            actor, _ = self._idle.popleft()
-            self.actors.remove(actor)
-            self._strikes.pop(actor, None)
-            self._where.pop(actor, None)
-            ray.kill(actor, no_restart=True)
+            self._stop(self._idle.popleft()[0])
+
+    def _stop(self, actor: Any) -> None:
+        """Kill a working actor and forget it (the caller takes it out of ``_idle``)."""
+        ray.kill(actor, no_restart=True)
+        self.actors.remove(actor)
+        self._strikes.pop(actor, None)
+        self._where.pop(actor, None)
 
     def shutdown(self) -> None:
         for a in [*self.actors, *self._spares]:

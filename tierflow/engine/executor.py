@@ -184,12 +184,12 @@ class Executor:
             view.executions += 1
             if a.attempt > 1:
                 view.retries += 1
-            if a.attempt > 1 and (a.step, a.block) not in self._crashed:
                 # a retry waits a little: outages (Triton, a store) need time; a step whose
                 # worker or node died goes again at once, elsewhere (it is not an outage)
-                delay = min(RETRY_BASE_S * 2 ** (a.attempt - 2), RETRY_MAX_S) * (0.5 + random.random() / 2)
-                heapq.heappush(self._delayed, (now + delay, a.step, a.block, a, inputs))
-                continue
+                if (a.step, a.block) not in self._crashed:
+                    delay = min(RETRY_BASE_S * 2 ** (a.attempt - 2), RETRY_MAX_S) * (0.5 + random.random() / 2)
+                    heapq.heappush(self._delayed, (now + delay, a.step, a.block, a, inputs))
+                    continue
             self._start(a, inputs, now)
 
     def _start(self, a: Dispatch, inputs: tuple[str, ...], now: float) -> None:
