@@ -117,6 +117,8 @@ PAYLOAD = 256
 def _log(log: str | None, stage: str, table: pa.Table, event: str) -> None:
     if log:
         first = table["id"][0].as_py() if table.num_rows else -1
+        if table.num_rows == 1:  # a standby spare's warm-up call (StageActor.warm), not a block's
+            event = f"warm-{event}"
         with open(log, "a") as fh:  # one short O_APPEND write: lines never interleave
             fh.write(f"{stage} {first} {event} {os.getpid()} {time.time():.3f}\n")
 
@@ -481,7 +483,13 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
                               "progress": round(done / total, 3),
                               "recent_outputs_on_victim": counts.get(victim, 0),
                               "recent_outputs_total": sum(recent.values())}
-                fault_info.update(cluster.replace_node(victim))
+                if args.fault == "join":  # control: the cost of a node joining, nothing lost
+                    t1 = time.monotonic()
+                    node = cluster.cluster.add_node(**cluster._node_args())
+                    cluster.workers.append(node)
+                    fault_info.update(added=node.node_id[:12], add_s=round(time.monotonic() - t1, 2))
+                else:
+                    fault_info.update(cluster.replace_node(victim, replace=args.fault == "replace"))
                 break
             time.sleep(0.05)
     runner.join()
@@ -562,6 +570,9 @@ def main() -> int:
     ap.add_argument("--work", type=int, default=2, help="rounds of the per-row layer in every stage")
     ap.add_argument("--last-factor", type=int, default=8, help="the last stage does this many times the work")
     ap.add_argument("--at", type=float, default=0.6, help="progress at which the node is removed")
+    ap.add_argument("--fault", choices=("replace", "remove", "join"), default="replace",
+                    help="replace: remove the node and add a fresh one (the default); remove: no replacement; "
+                         "join: only add a node, nothing lost (a control: what a joining node costs here)")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--cpus-per-node", type=int, default=2)
     ap.add_argument("--replicas", type=int, default=2)
@@ -598,7 +609,7 @@ def main() -> int:
     write_data(warm, 4 * args.block_rows, args.block_rows, seed=12)
     report: dict[str, Any] = {"argv": sys.argv[1:], "rows": args.rows, "block_rows": args.block_rows,
                               "blocks": -(-args.rows // args.block_rows), "stages": N_STAGES, "work": args.work,
-                              "last_factor": args.last_factor, "at": args.at, "nodes": args.nodes,
+                              "last_factor": args.last_factor, "at": args.at, "fault": args.fault, "nodes": args.nodes,
                               "cpus_per_node": args.cpus_per_node, "replicas": args.replicas,
                               "speculate": args.speculate}
     t_all = time.monotonic()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -119,6 +121,59 @@ def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> No
     assert ray.get(pool.acquire().ready.remote()) == node
     pool.shutdown()
     assert stopped(spare) and stopped(working)
+
+
+RECORD = """
+import os
+
+
+class Record:
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, t):
+        with open(self.log, "a") as fh:
+            fh.write(f"{os.getpid()} {t.num_rows}\\n")
+        return t
+"""
+
+
+def test_a_spare_is_warmed_on_one_row_before_it_takes_over(local_ray: None, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from tierflow.cache.settings import CacheSettings
+    from tierflow.cache.tiered import get_cache
+    from tierflow.engine.runners import StageActor, StepIO
+    from tierflow.manifest import parse_manifest
+
+    (tmp_path / "record_stage.py").write_text(RECORD)
+    log = tmp_path / "calls.txt"
+    stage = parse_manifest({"name": "p", "source": {"format": "csv", "path": "x"}, "sink": {"path": "o"}, "stages": [
+        {"name": "rec", "kind": "python", "cls": "record_stage:Record", "params": {"log": str(log)}}]}).stages[0]
+    settings = CacheSettings(root=str(tmp_path / "cache"), replicas=1)
+    env = {"env_vars": {"PYTHONPATH": str(tmp_path)}}
+
+    def factory(avoid: object) -> object:
+        return StageActor.options(num_cpus=0, runtime_env=env).remote((stage,), None, settings)  # type: ignore[attr-defined]
+
+    pool = ActorPool(None, factory, min_size=1, max_size=1, standby=1)  # type: ignore[arg-type]
+    pool.wait_ready(60)
+    cache = get_cache(settings)
+    cache.put_table("p/in/0", pa.table({"id": pa.array(range(5), pa.int64())}), durable=False)
+    working = pool.acquire()
+    assert ray.get(working.run.remote(None, StepIO("p/in/0", "p/out/0"))).ok
+    pool.warm(None, StepIO("p/in/0", "p/out/warm"))
+    pool.warm(None, StepIO("p/in/0", "p/out/warm"))  # once per spare
+    spare = next(iter(pool._spares))
+    ray.get(spare.ready.remote())  # the actor's calls run in order: the warm-up has run
+    pids = {name: ray.get(a.__ray_call__.remote(lambda self: os.getpid())) for name, a in
+            (("working", working), ("spare", spare))}
+    calls = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert sorted(calls) == sorted([(pids["working"], 5), (pids["spare"], 1)])
+    assert not cache.contains("p/out/warm")  # a warm-up writes nothing
+    pool.replace(working)  # died: the warmed spare takes over
+    assert pool.actors == [spare] and pool.took_over == 1
+    pool.shutdown()
 
 
 def test_concurrency_accepts_a_range() -> None:

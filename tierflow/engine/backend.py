@@ -128,7 +128,9 @@ class ActorPool:
     ``standby`` spares are constructed ahead, away from the nodes of the working actors,
     and get no blocks: a new actor (a successor, or growth under backlog) is a constructed
     spare when there is one, so it takes over in the time of a call instead of a process
-    start and the stage's construction. A new spare starts in its place ``SPARE_REFILL_S``
+    start and the stage's construction. Each spare is also sent one call on the first row
+    of a block (:meth:`warm`), so the lazy costs of a first call are paid before it takes
+    over, not on the block it takes over. A new spare starts in its place ``SPARE_REFILL_S``
     later (:meth:`refill`), not during the recovery it would compete with for CPU.
     ``factory(avoid)`` starts an actor on a node outside ``avoid`` where possible.
     """
@@ -154,6 +156,7 @@ class ActorPool:
         self.retired = 0
         self.took_over = 0  # spares that became working actors
         self._spares: dict[Any, Any] = {}  # spare -> its ready() call (resolves to its node)
+        self._cold: set[Any] = set()  # spares not yet sent a warm-up call
         self._strikes: dict[Any, deque[float]] = {}
         self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
         self._refill_at = 0.0
@@ -203,7 +206,16 @@ class ActorPool:
         while len(self._spares) < self.standby:
             spare = self._factory(working)
             self._spares[spare] = spare.ready.remote()
+            self._cold.add(spare)
             self.started += 1
+
+    def warm(self, source: Any, io: Any) -> None:
+        """Send the spares not yet warmed one call on the first row of a block being
+        dispatched now (its input exists now): ``StageActor.warm``, queued behind their
+        construction, output discarded."""
+        for spare in self._cold:
+            spare.warm.remote(source, io)
+        self._cold.clear()
 
     def _take_spare(self) -> Any | None:
         """A constructed spare, or None (one still starting is left to start: it may have
@@ -212,6 +224,7 @@ class ActorPool:
         if not built:
             return None
         del self._spares[built[0]]
+        self._cold.discard(built[0])
         self.took_over += 1
         return built[0]
 
@@ -231,6 +244,7 @@ class ActorPool:
 
     def _drop_spare(self, spare: Any) -> None:
         del self._spares[spare]
+        self._cold.discard(spare)
         self._where.pop(spare, None)
         ray.kill(spare, no_restart=True)
 
@@ -353,8 +367,10 @@ class RayBackend:
         else:
             src = self._source_ref if d.step == 0 else None
             if d.step in self._pools:
-                actor = self._pools[d.step].acquire()
+                pool = self._pools[d.step]
+                actor = pool.acquire()
                 ref = actor.run.remote(src, io)
+                pool.warm(src, io)
             else:
                 chain = plan.stages[d.step].chain
                 opts = {**self._options(d.step), **self._near(d.step, input_locations)}

@@ -132,19 +132,23 @@ def durable_output(settings: CacheSettings, checkpoint: bool) -> bool:
     return settings.remote_url is not None and (checkpoint or settings.replicas == 1)
 
 
+def read_input(source: Source | None, io: StepIO, settings: CacheSettings) -> pa.Table:
+    """A step's input: a cached block by key, or a block of the source."""
+    if isinstance(io.input, str):
+        return get_cache(settings).get_table(io.input, locations=io.locations)
+    assert source is not None
+    return source.read(io.input)
+
+
 def run_step(transform: Transform, source: Source | None, io: StepIO, settings: CacheSettings) -> Outcome:
     """Read the input (a source block or a cache key), transform, write to the cache."""
     started = time.perf_counter()
     try:
         cache = get_cache(settings)
-        if isinstance(io.input, str):
-            try:
-                table = cache.get_table(io.input, locations=io.locations)
-            except ReplicaLost as exc:
-                return _failure(exc, started, lost_input=True)
-        else:
-            assert source is not None
-            table = source.read(io.input)
+        try:
+            table = read_input(source, io, settings)
+        except ReplicaLost as exc:
+            return _failure(exc, started, lost_input=True)
         rejected = 0
         try:
             out = transform(table)
@@ -298,8 +302,7 @@ def write_dead_letter(
     fs.makedirs(f"{root}/{stage}", exist_ok=True)
     rows = None
     try:
-        table = get_cache(settings).get_table(io.input, locations=io.locations) if isinstance(io.input, str) \
-            else source.read(io.input)
+        table = read_input(source, io, settings)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         write_atomic(fs, f"{base}.parquet", buf.getvalue().to_pybytes())
@@ -344,6 +347,16 @@ class StageActor:
 
     def run(self, source: Source | None, io: StepIO) -> Outcome:
         return run_step(self._transform, source, io, self._settings)
+
+    def warm(self, source: Source | None, io: StepIO) -> None:
+        """Run the stage once on the first row of ``io``'s input and discard the result, so
+        that a spare pays the costs of a first call (lazy imports, compilation, connections:
+        seconds on a loaded node) before it takes over, not on the block it takes over.
+        Nothing is written. A failure is left for the first real block to meet and report."""
+        try:
+            self._transform(read_input(source, io, self._settings).slice(0, 1))
+        except Exception:  # noqa: BLE001, S110 - judged on the real block, if it recurs
+            pass
 
     def ready(self) -> str:
         """The node this actor runs on (once it is constructed)."""
