@@ -123,6 +123,18 @@ def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> No
     assert stopped(spare) and stopped(working)
 
 
+def test_a_spare_starts_only_where_the_cluster_has_room_for_it(local_ray: None) -> None:
+    room = {"free": False}
+    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=1, max_size=1, standby=1,  # type: ignore[arg-type]
+                     room=lambda cpus: room["free"])
+    pool.wait_ready(30)
+    assert not pool._spares and pool.started == 1  # no room (e.g. a node was lost): no spare
+    room["free"] = True
+    pool.refill()  # asked again later: room now
+    assert len(pool._spares) == 1 and pool.started == 2
+    pool.shutdown()
+
+
 RECORD = """
 import os
 

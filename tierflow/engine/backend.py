@@ -40,6 +40,7 @@ from tierflow.manifest import PythonStage
 from tierflow.plan import Plan, StagePlan
 
 SINK_CONCURRENCY = 2
+SINK_CPUS = 1.0  # a sink task encodes Parquet
 ACTOR_START_TIMEOUT_S = 120.0
 SERVERS_REFRESH_S = 10.0  # how often to look for nodes that joined and need a cache server
 SPARE_REFILL_S = 10.0  # a spare that took over is replaced this long after (not mid-recovery)
@@ -132,6 +133,8 @@ class ActorPool:
     of a block (:meth:`warm`), so the lazy costs of a first call are paid before it takes
     over, not on the block it takes over. A new spare starts in its place ``SPARE_REFILL_S``
     later (:meth:`refill`), not during the recovery it would compete with for CPU.
+    A spare starts only while ``room(cpus)`` says the cluster can hold it beside the
+    pipeline's own work (after a node is lost it may not: the pool then keeps fewer).
     ``factory(avoid)`` starts an actor on a node outside ``avoid`` where possible.
     """
 
@@ -143,9 +146,12 @@ class ActorPool:
         max_size: int,
         idle_s: float = 30.0,
         standby: int = 0,
+        room: Callable[[float], bool] = lambda cpus: True,
     ) -> None:
         self.stage = stage
         self._factory = factory
+        self._room = room
+        self._cpus = stage.config.num_cpus if stage is not None else 0.0
         self.max_size = max_size
         self.min_size = min_size
         self.idle_s = idle_s
@@ -203,7 +209,7 @@ class ActorPool:
 
     def _add_spares(self) -> None:
         working = {self._where[a] for a in self.actors if a in self._where}
-        while len(self._spares) < self.standby:
+        while len(self._spares) < self.standby and self._room(self._cpus):
             spare = self._factory(working)
             self._spares[spare] = spare.ready.remote()
             self._cold.add(spare)
@@ -298,6 +304,11 @@ class ActorPool:
         self._strikes.pop(actor, None)
         self._where.pop(actor, None)
 
+    @property
+    def held_cpus(self) -> float:
+        """CPUs reserved by this pool's actors and spares (placed or still waiting)."""
+        return (len(self.actors) + len(self._spares)) * self._cpus
+
     def shutdown(self) -> None:
         for a in [*self.actors, *self._spares]:
             ray.kill(a, no_restart=True)
@@ -337,7 +348,10 @@ class RayBackend:
                 ),
                 *s.config.concurrency_range,
                 standby=s.config.standby,
+                room=self._room_for_spare,
             )
+        tasks = [s.config.num_cpus for s in plan.stages if s.index not in self._pools]
+        self._task_cpus = max([SINK_CPUS, *tasks])  # what one task step needs, kept free of spares
         self._servers_at = time.monotonic()
         self._nodes = set(start_cache_servers(settings))  # peer replicas go through these
         for pool in self._pools.values():
@@ -361,7 +375,7 @@ class RayBackend:
         actor = None
         io = self._io(d.step, d.block, input_locations)
         if d.step == n:
-            ref = sink_task.options(**self._near(d.step, input_locations)).remote(
+            ref = sink_task.options(num_cpus=SINK_CPUS, **self._near(d.step, input_locations)).remote(
                 self._sink, io, d.block, self._settings_ref
             )
         else:
@@ -376,6 +390,14 @@ class RayBackend:
                 opts = {**self._options(d.step), **self._near(d.step, input_locations)}
                 ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
+
+    def _room_for_spare(self, cpus: float) -> bool:
+        """Whether the cluster's CPUs hold one more spare of ``cpus`` beside every actor and
+        spare already asked for and one task of the pipeline: a spare that took the last
+        slot would stop the task steps and the sink for good."""
+        total = float(ray.cluster_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
+        held = sum(pool.held_cpus for pool in self._pools.values())
+        return total - held - cpus >= self._task_cpus
 
     def _options(self, step: int, avoid: Collection[str] = ()) -> dict[str, Any]:
         """Resources, and the nodes to stay off: those excluded from the stage, and ``avoid``
