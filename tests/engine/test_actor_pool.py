@@ -41,7 +41,7 @@ def local_ray():  # type: ignore[no-untyped-def]
 
 
 def test_pool_scales_between_min_and_max(local_ray: None) -> None:
-    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=1, max_size=3, idle_s=0.2)  # type: ignore[arg-type]
+    pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=3, idle_s=0.2)  # type: ignore[arg-type]
     assert len(pool.actors) == 1 and pool.idle == 3
     busy = [pool.acquire() for _ in range(3)]  # backlog: two more actors start at once
     assert len(pool.actors) == 3 and pool.started == 3 and pool.idle == 0
@@ -63,7 +63,7 @@ def test_pool_scales_between_min_and_max(local_ray: None) -> None:
 
 
 def test_an_actor_failing_too_often_is_retired_and_replaced(local_ray: None) -> None:
-    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=2, max_size=2)  # type: ignore[arg-type]
+    pool = ActorPool(None, lambda node: Echo.remote(), min_size=2, max_size=2)  # type: ignore[arg-type]
     bad, good = pool.acquire(), pool.acquire()
     for _ in range(RETIRE_AFTER - 1):
         pool.release(bad, "", failed=True)
@@ -79,7 +79,7 @@ def test_an_actor_failing_too_often_is_retired_and_replaced(local_ray: None) -> 
 
 
 def test_the_actors_of_a_lost_node_are_dropped_and_succeeded_at_once(local_ray: None) -> None:
-    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=2, max_size=3)  # type: ignore[arg-type]
+    pool = ActorPool(None, lambda node: Echo.remote(), min_size=2, max_size=3)  # type: ignore[arg-type]
     pool.wait_ready(30)  # learns where each actor runs
     node = ray.get_runtime_context().get_node_id()
     idle, busy = pool.actors[0], pool.acquire()
@@ -98,14 +98,14 @@ def test_the_actors_of_a_lost_node_are_dropped_and_succeeded_at_once(local_ray: 
 def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> None:
     asked: list[set[str]] = []
 
-    def factory(avoid: object) -> object:
+    def place(cpus: float, avoid: object) -> str:
         asked.append(set(avoid))  # type: ignore[call-overload]
-        return Echo.remote()
+        return ""  # anywhere
 
-    pool = ActorPool(None, factory, min_size=1, max_size=1, standby=1)  # type: ignore[arg-type]
+    pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=1, standby=1, place=place)  # type: ignore[arg-type]
     pool.wait_ready(30)
     node = ray.get_runtime_context().get_node_id()
-    assert asked == [set(), {node}]  # the spare is asked to stay off the working actor's node
+    assert asked == [{node}]  # the spare is asked to stay off the working actor's node
     working = pool.actors[0]
     deadline = time.monotonic() + 30
     while not pool._built_spares() and time.monotonic() < deadline:  # let it construct
@@ -114,10 +114,10 @@ def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> No
     pool.replace(working)  # died
     assert pool.actors == [spare] and pool.took_over == 1  # constructed already: no wait
     pool.refill()
-    assert len(asked) == 2  # no new spare in the middle of a recovery...
+    assert len(asked) == 1  # no new spare in the middle of a recovery...
     pool._refill_at = 0.0  # ... only SPARE_REFILL_S later
     pool.refill()
-    assert len(asked) == 3 and pool.started == 3
+    assert len(asked) == 2 and pool.started == 3
     assert ray.get(pool.acquire().ready.remote()) == node
     pool.shutdown()
     assert stopped(spare) and stopped(working)
@@ -125,8 +125,8 @@ def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> No
 
 def test_a_spare_starts_only_where_the_cluster_has_room_for_it(local_ray: None) -> None:
     room = {"free": False}
-    pool = ActorPool(None, lambda avoid: Echo.remote(), min_size=1, max_size=1, standby=1,  # type: ignore[arg-type]
-                     room=lambda cpus: room["free"])
+    pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=1, standby=1,  # type: ignore[arg-type]
+                     place=lambda cpus, avoid: "" if room["free"] else None)
     pool.wait_ready(30)
     assert not pool._spares and pool.started == 1  # no room (e.g. a node was lost): no spare
     room["free"] = True
@@ -165,7 +165,7 @@ def test_a_spare_is_warmed_on_one_row_before_it_takes_over(local_ray: None, tmp_
     settings = CacheSettings(root=str(tmp_path / "cache"), replicas=1)
     env = {"env_vars": {"PYTHONPATH": str(tmp_path)}}
 
-    def factory(avoid: object) -> object:
+    def factory(node: object) -> object:
         return StageActor.options(num_cpus=0, runtime_env=env).remote((stage,), None, settings)  # type: ignore[attr-defined]
 
     pool = ActorPool(None, factory, min_size=1, max_size=1, standby=1)  # type: ignore[arg-type]
@@ -197,3 +197,48 @@ def test_concurrency_accepts_a_range() -> None:
     assert m.stages[0].concurrency_range == (1, 4)
     with pytest.raises(ManifestError, match="concurrency"):
         parse_manifest({**base, "stages": [{"name": "a", "kind": "python", "fn": "m:f", "concurrency": [3, 2]}]})
+
+
+class PlacedPool:
+    """An actor pool as the backend's spare placement sees it: where its actors are."""
+
+    cpus = 0.5
+
+    def __init__(self, nodes: list[str]) -> None:
+        self.nodes = nodes
+        self.spares: list[tuple[str, str]] = []
+        self.dropped: list[str] = []
+
+    def placements(self) -> list[tuple[str, float]]:
+        return [(n, self.cpus) for n in [*self.nodes, *(node for _, node in self.spares)]]
+
+    def built_spares(self) -> list[tuple[str, str]]:
+        return list(self.spares)
+
+    def drop_spare(self, spare: str) -> None:
+        self.spares = [s for s in self.spares if s[0] != spare]
+        self.dropped.append(spare)
+
+
+def test_spares_leave_one_node_a_free_task_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierflow.engine import backend
+
+    nodes = [{"NodeID": n, "Alive": True, "Resources": {"CPU": 2.0}} for n in ("A", "B")]
+    monkeypatch.setattr(backend.ray, "nodes", lambda: nodes)
+    be = backend.RayBackend()
+    be._task_cpus = 1.0  # a sink task
+    a, b = PlacedPool(["A", "A", "A"]), PlacedPool(["B"])
+    be._pools = {0: a, 1: b}  # type: ignore[dict-item]
+    assert be._place_spare(0, 0.5, avoid={"B"}) == "A"  # off the working node, B keeps 1.5 free
+    b.nodes.append("B")
+    assert be._place_spare(0, 0.5, avoid=set()) == "A"  # the fullest node that fits: B keeps 1.0
+    a.nodes.append("A")
+    # 1.0 free on B alone: a spare there would leave two half slots and no task slot
+    assert be._place_spare(0, 0.5, avoid=set()) is None
+    be._excluded[0] = {"A"}
+    assert be._place_spare(0, 0.0, avoid=set()) == "B"  # never on a node excluded from the stage
+    b.spares = [("spare", "B")]  # e.g. the node that had room was lost: the survivors are full
+    be._keep_task_slot()
+    assert b.dropped == ["spare"] and not a.dropped
+    be._keep_task_slot()
+    assert b.dropped == ["spare"]  # a slot is free again: nothing more stopped

@@ -133,36 +133,38 @@ class ActorPool:
     of a block (:meth:`warm`), so the lazy costs of a first call are paid before it takes
     over, not on the block it takes over. A new spare starts in its place ``SPARE_REFILL_S``
     later (:meth:`refill`), not during the recovery it would compete with for CPU.
-    A spare starts only while ``room(cpus)`` says the cluster can hold it beside the
-    pipeline's own work (after a node is lost it may not: the pool then keeps fewer).
-    ``factory(avoid)`` starts an actor on a node outside ``avoid`` where possible.
+    ``place(cpus, avoid)`` picks a spare's node (off ``avoid``, the working actors' nodes,
+    where it can) or says there is no room for it beside the pipeline's own work (after a
+    node is lost there may not be: the pool then keeps fewer, and asks again later).
+    ``factory(node)`` starts an actor there, or where Ray places it when ``node`` is None.
     """
 
     def __init__(
         self,
         stage: StagePlan,
-        factory: Callable[[Collection[str]], Any],
+        factory: Callable[[str | None], Any],
         min_size: int,
         max_size: int,
         idle_s: float = 30.0,
         standby: int = 0,
-        room: Callable[[float], bool] = lambda cpus: True,
+        place: Callable[[float, Collection[str]], str | None] = lambda cpus, avoid: "",
     ) -> None:
         self.stage = stage
         self._factory = factory
-        self._room = room
-        self._cpus = stage.config.num_cpus if stage is not None else 0.0
+        self._place = place
+        self.cpus = stage.config.num_cpus if stage is not None else 0.0
         self.max_size = max_size
         self.min_size = min_size
         self.idle_s = idle_s
         self.standby = standby
-        self.actors = [factory(()) for _ in range(min_size)]
+        self.actors = [factory(None) for _ in range(min_size)]
         self._idle: deque[tuple[Any, float]] = deque((a, time.monotonic()) for a in self.actors)
         self.started = len(self.actors)
         self.retired = 0
         self.took_over = 0  # spares that became working actors
         self._spares: dict[Any, Any] = {}  # spare -> its ready() call (resolves to its node)
         self._cold: set[Any] = set()  # spares not yet sent a warm-up call
+        self._placed: dict[Any, str] = {}  # spare -> the node it was sent to
         self._strikes: dict[Any, deque[float]] = {}
         self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
         self._refill_at = 0.0
@@ -195,7 +197,7 @@ class ActorPool:
     def _start(self) -> Any:
         actor = self._take_spare()
         if actor is None:
-            actor = self._factory(())
+            actor = self._factory(None)
             self.started += 1
         else:
             self._refill_at = time.monotonic() + SPARE_REFILL_S
@@ -209,9 +211,13 @@ class ActorPool:
 
     def _add_spares(self) -> None:
         working = {self._where[a] for a in self.actors if a in self._where}
-        while len(self._spares) < self.standby and self._room(self._cpus):
-            spare = self._factory(working)
+        while len(self._spares) < self.standby:
+            node = self._place(self.cpus, working)
+            if node is None:
+                return
+            spare = self._factory(node or None)
             self._spares[spare] = spare.ready.remote()
+            self._placed[spare] = node
             self._cold.add(spare)
             self.started += 1
 
@@ -231,6 +237,7 @@ class ActorPool:
             return None
         del self._spares[built[0]]
         self._cold.discard(built[0])
+        self._placed.pop(built[0], None)
         self.took_over += 1
         return built[0]
 
@@ -245,12 +252,17 @@ class ActorPool:
             try:
                 self._where[spare] = ray.get(ref)
             except RayError:  # died while waiting (its node was lost)
-                self._drop_spare(spare)
+                self.drop_spare(spare)
         return [a for a in self._spares if a in self._where]
 
-    def _drop_spare(self, spare: Any) -> None:
+    def built_spares(self) -> list[tuple[Any, str]]:
+        """(spare, node) of the spares constructed by now."""
+        return [(a, self._where[a]) for a in self._built_spares()]
+
+    def drop_spare(self, spare: Any) -> None:
         del self._spares[spare]
         self._cold.discard(spare)
+        self._placed.pop(spare, None)
         self._where.pop(spare, None)
         ray.kill(spare, no_restart=True)
 
@@ -287,7 +299,7 @@ class ActorPool:
         """Drop the actors and spares known to run on a dead node (no block goes there);
         successors come from the spares left."""
         for spare in [a for a in self._built_spares() if self._where[a] == node]:
-            self._drop_spare(spare)
+            self.drop_spare(spare)
         for actor in [a for a, n in self._where.items() if n == node and a in self.actors]:
             self.replace(actor)
 
@@ -304,10 +316,10 @@ class ActorPool:
         self._strikes.pop(actor, None)
         self._where.pop(actor, None)
 
-    @property
-    def held_cpus(self) -> float:
-        """CPUs reserved by this pool's actors and spares (placed or still waiting)."""
-        return (len(self.actors) + len(self._spares)) * self._cpus
+    def placements(self) -> list[tuple[str, float]]:
+        """(node, CPUs) of each actor and spare; node "" where not known yet."""
+        self._built_spares()
+        return [(self._where.get(a) or self._placed.get(a, ""), self.cpus) for a in [*self.actors, *self._spares]]
 
     def shutdown(self) -> None:
         for a in [*self.actors, *self._spares]:
@@ -343,12 +355,12 @@ class RayBackend:
                 continue
             self._pools[s.index] = ActorPool(
                 s,
-                lambda avoid, s=s: StageActor.options(**self._options(s.index, avoid)).remote(  # type: ignore[attr-defined]
+                lambda node, s=s: StageActor.options(**self._options(s.index, node)).remote(  # type: ignore[attr-defined]
                     s.chain, triton_url, settings
                 ),
                 *s.config.concurrency_range,
                 standby=s.config.standby,
-                room=self._room_for_spare,
+                place=lambda cpus, avoid, s=s: self._place_spare(s.index, cpus, avoid),
             )
         tasks = [s.config.num_cpus for s in plan.stages if s.index not in self._pools]
         self._task_cpus = max([SINK_CPUS, *tasks])  # what one task step needs, kept free of spares
@@ -391,23 +403,54 @@ class RayBackend:
                 ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
 
-    def _room_for_spare(self, cpus: float) -> bool:
-        """Whether the cluster's CPUs hold one more spare of ``cpus`` beside every actor and
-        spare already asked for and one task of the pipeline: a spare that took the last
-        slot would stop the task steps and the sink for good."""
-        total = float(ray.cluster_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
-        held = sum(pool.held_cpus for pool in self._pools.values())
-        return total - held - cpus >= self._task_cpus
+    def _free_cpus(self) -> dict[str, float]:
+        """Per alive node, its CPUs not held by an actor or spare of this run. Actors whose
+        node is not known yet count against the freest node (the worst case for tasks)."""
+        free = {str(n["NodeID"]): float(n["Resources"].get("CPU", 0.0))
+                for n in ray.nodes() if n.get("Alive")}  # type: ignore[no-untyped-call]
+        unplaced = 0.0
+        for pool in self._pools.values():
+            for node, held in pool.placements():
+                if node in free:
+                    free[node] -= held
+                else:
+                    unplaced += held
+        if unplaced and free:
+            free[max(free, key=free.__getitem__)] -= unplaced
+        return free
 
-    def _options(self, step: int, avoid: Collection[str] = ()) -> dict[str, Any]:
-        """Resources, and the nodes to stay off: those excluded from the stage, and ``avoid``
-        (a spare's working actors' nodes) while another node is left to run on."""
+    def _place_spare(self, step: int, cpus: float, avoid: Collection[str]) -> str | None:
+        """The node for a new spare of ``cpus`` CPUs, or None when there is no room: the
+        fullest node that fits it (off ``avoid`` while another node can take it, never one
+        excluded from the stage) such that some node keeps a free slot for a task step. A
+        spare holding the last one would stop the task steps and the sink for good (a
+        node's free CPUs count, not the cluster's: two half-free nodes make no slot)."""
+        free = self._free_cpus()
+        fits = [n for n in free if free[n] >= cpus and n not in self._excluded.get(step, ())]
+        for node in sorted([n for n in fits if n not in avoid] or fits, key=free.__getitem__):
+            if max(free[n] - (cpus if n == node else 0.0) for n in free) >= self._task_cpus:
+                return node
+        return None
+
+    def _keep_task_slot(self) -> None:
+        """Stop spares while no node has a task slot free of actors (a lost node can leave
+        the survivors full): a spare must never stop the work it stands by for."""
+        free = self._free_cpus()
+        for pool in self._pools.values():
+            for spare, node in sorted(pool.built_spares(), key=lambda sn: -free.get(sn[1], 0.0)):
+                if max(free.values(), default=0.0) >= self._task_cpus:
+                    return
+                pool.drop_spare(spare)
+                free[node] = free.get(node, 0.0) + pool.cpus
+
+    def _options(self, step: int, node: str | None = None) -> dict[str, Any]:
+        """Resources, and where: on ``node`` (a spare), else off the nodes excluded from
+        the stage."""
         opts: dict[str, Any] = {"num_cpus": self._plan.stages[step].config.num_cpus}
-        off = set(self._excluded.get(step, ()))
-        if avoid and self._nodes - off - set(avoid):
-            off |= set(avoid)
-        if off:
-            opts["label_selector"] = {NODE_ID_LABEL: f"!in({', '.join(sorted(off))})"}
+        if node:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        elif self._excluded.get(step):
+            opts["label_selector"] = {NODE_ID_LABEL: f"!in({', '.join(sorted(self._excluded[step]))})"}
         return opts
 
     def _near(self, step: int, input_locations: tuple[str, ...]) -> dict[str, Any]:
@@ -452,6 +495,8 @@ class RayBackend:
             for node in gone:
                 for pool in self._pools.values():
                     pool.lose_node(node)
+            if gone:
+                self._keep_task_slot()
         lost, self._lost = self._lost, []
         return lost
 
@@ -492,6 +537,7 @@ class RayBackend:
             for pool in self._pools.values():
                 pool.shrink()
                 pool.refill()
+            self._keep_task_slot()
         if self._joining:
             ready, _ = ray.wait(list(self._joining), num_returns=len(self._joining), timeout=0)
             for ref in ready:
