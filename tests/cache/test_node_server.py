@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tierflow.cache import codec
 from tierflow.cache.node_server import rendezvous
 from tierflow.cache.settings import CacheSettings
 
@@ -226,3 +228,34 @@ def test_rereplicate_restores_the_copies_a_lost_node_held(cluster: Any, tmp_path
     reader = next(n for n in alive_nodes() if n != new_home)
     got = ray.get(read.options(scheduling_strategy=pin(reader)).remote(settings, key, tuple(added)))
     assert got.equals(table())
+
+
+@pytest.mark.ray
+def test_a_dead_server_on_a_live_node_is_started_again(cluster: Any, tmp_path: Path) -> None:
+    import ray
+
+    from tierflow.cache.node_server import start_cache_servers, started_server
+    from tierflow.engine.backend import RayBackend
+
+    c, _ = cluster
+    node = c.add_node(num_cpus=1).node_id  # the module's first nodes may be gone by now
+    c.wait_for_nodes()
+    settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store", replicas=2,
+                             lmdb_map_size=1 << 30)
+    start_cache_servers(settings)
+    ray.get(started_server(node).put.remote("demo/3f9a1c0e/clean/000001", codec.encode_table(table()), False))
+    be = RayBackend()
+    be._settings, be._nodes = settings, {node}
+    be._check_servers()  # probes sent
+    dead = started_server(node)
+    ray.kill(dead, no_restart=True)  # as Ray's own crash of a server mid-call does
+    deadline = time.monotonic() + 30
+    while node in be._nodes and time.monotonic() < deadline:  # each call reads answers, probes again
+        be._check_servers()
+        time.sleep(0.2)
+    assert node not in be._nodes and started_server(node) is None
+    be._serve_joined()
+    fresh = started_server(node)
+    assert fresh is not None and fresh is not dead
+    assert ray.get(fresh.node.remote(), timeout=60) == node
+    assert ray.get(fresh.get.remote("demo/3f9a1c0e/clean/000001")) is not None  # the node's copies, served again

@@ -49,9 +49,11 @@ __all__ = [
     "CacheServer",
     "RayPeers",
     "alive_nodes",
+    "forget_server",
     "rendezvous",
     "server_name",
     "start_cache_servers",
+    "started_server",
     "stop_cache_servers",
 ]
 
@@ -182,6 +184,17 @@ def stop_cache_servers() -> None:
 
 
 _STARTED: dict[str, Any] = {}
+
+
+def started_server(node_id: str) -> Any | None:
+    """The handle this driver started node ``node_id``'s server with, if any."""
+    return _STARTED.get(node_id)
+
+
+def forget_server(node_id: str) -> None:
+    """Drop the handle of a server found dead, so that the next
+    :func:`start_cache_servers` for its node starts a new one."""
+    _STARTED.pop(node_id, None)
 
 
 class RayPeers:

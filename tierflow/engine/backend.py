@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tierflow.cache.node_server import alive_nodes, start_cache_servers
+from tierflow.cache.node_server import alive_nodes, forget_server, start_cache_servers, started_server
 from tierflow.cache.settings import CacheSettings
 from tierflow.cache.tiered import lmdb_nodes
 from tierflow.engine.runners import (
@@ -342,6 +342,7 @@ class RayBackend:
         self._lost: list[str] = []
         self._nodes: set[str] = set()  # nodes with a cache server, i.e. alive at the last look
         self._joining: dict[Any, str] = {}  # node() calls of cache servers starting on new nodes
+        self._probes: dict[Any, str] = {}  # node() calls checking that running servers live
         self._nodes_at = 0.0
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
@@ -533,6 +534,7 @@ class RayBackend:
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:
             self._servers_at = time.monotonic()
+            self._check_servers()
             self._serve_joined()
             for pool in self._pools.values():
                 pool.shrink()
@@ -560,9 +562,31 @@ class RayBackend:
                 done.append(finished)
         return done
 
+    def _check_servers(self) -> None:
+        """Probe each node's cache server (the answers are read one round later); a server
+        found dead on a live node is started again by :meth:`_serve_joined`, so the node's
+        copies are served again. Ray 2.60 can crash an actor fetching a call's argument
+        whose owner's node just died (ray-project/ray#63079), and a cache server's calls
+        carry blocks from other nodes."""
+        if self._probes:
+            ready, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
+            for ref in ready:
+                node = self._probes.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayError:
+                    self._nodes.discard(node)
+                    forget_server(node)
+        probed = set(self._probes.values())
+        for node in self._nodes - probed:
+            server = started_server(node)
+            if server is not None:
+                self._probes[server.node.remote()] = node
+
     def _serve_joined(self) -> None:
-        """Start a cache server on each node that joined, without waiting for it: on a new
-        node that means a worker process first, seconds in which no block would move."""
+        """Start a cache server on each node that joined (or whose server died), without
+        waiting for it: on a new node that means a worker process first, seconds in which
+        no block would move."""
         joining = set(self._joining.values())
         joined = [n for n in alive_nodes() if n not in self._nodes and n not in joining]
         for node, server in start_cache_servers(self._settings, joined, wait=False).items():
