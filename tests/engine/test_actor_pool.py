@@ -123,6 +123,39 @@ def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> No
     assert stopped(spare) and stopped(working)
 
 
+def test_an_actor_that_cannot_start_mid_run_fails_the_run_naming_the_stage(local_ray: None) -> None:
+    from types import SimpleNamespace
+
+    from tierflow.errors import TierflowError
+
+    stage = SimpleNamespace(name="embed", config=SimpleNamespace(num_cpus=64))
+    fits = ActorPool(stage, lambda node: Echo.remote(), min_size=0, max_size=1)  # type: ignore[arg-type]
+    grown = fits.acquire()  # started mid-run (growth; a successor alike)
+    deadline = time.monotonic() + 30
+    while fits._starting and time.monotonic() < deadline:
+        fits.check_starting(timeout_s=30)
+        time.sleep(0.05)
+    assert fits._where[grown] == ray.get_runtime_context().get_node_id()  # constructed: placed
+    fits.shutdown()
+    # e.g. the node with the CPUs it needs was lost and none joined
+    made: list[object] = []
+
+    def factory(node: object) -> object:  # the first actor fits, later ones never will
+        made.append(Echo.options(num_cpus=64 if made else 0).remote())
+        return made[-1]
+
+    pool = ActorPool(stage, factory, min_size=1, max_size=2)  # type: ignore[arg-type]
+    pool.wait_ready(30)
+    working = pool.acquire()
+    pool.acquire()  # grows: this one waits for CPUs that never come
+    time.sleep(0.6)
+    pool.check_starting(timeout_s=0.5)  # late, but the stage still has a working actor: no failure
+    pool.replace(working)  # its only working actor is gone: nothing can run the stage now
+    with pytest.raises(TierflowError, match=r"stage 'embed': 1 actor\(s\) needing 64 CPU each could not start"):
+        pool.check_starting(timeout_s=0.5)
+    pool.shutdown()
+
+
 def test_a_spare_starts_only_where_the_cluster_has_room_for_it(local_ray: None) -> None:
     room = {"free": False}
     pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=1, standby=1,  # type: ignore[arg-type]

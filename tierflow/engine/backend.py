@@ -167,6 +167,7 @@ class ActorPool:
         self._placed: dict[Any, str] = {}  # spare -> the node it was sent to
         self._strikes: dict[Any, deque[float]] = {}
         self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
+        self._starting: dict[Any, tuple[Any, float]] = {}  # actor started mid-run -> (ready() call, when)
         self._refill_at = 0.0
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -176,13 +177,37 @@ class ActorPool:
             self._where.update(zip(self.actors, ray.get(refs, timeout=timeout_s)))
             self._add_spares()
         except GetTimeoutError:
-            cfg = self.stage.config
-            raise TierflowError(
-                f"stage {self.stage.name!r}: {len(self.actors)} actor(s) needing {cfg.num_cpus} CPU "
-                f"each could not start within {timeout_s:.0f} s (not enough CPU in the cluster?)"
-            ) from None
+            raise self._cannot_start(len(self.actors), timeout_s) from None
         except RayActorError as exc:
             raise StageError(self.stage.name, -1, f"actor failed to start: {exc}") from None
+
+    def check_starting(self, timeout_s: float) -> None:
+        """Note where the actors started mid-run (successors, growth) run once constructed.
+
+        Raises:
+            TierflowError: The stage has no constructed actor and one has been starting for
+                longer than ``timeout_s``, e.g. the nodes lost took the CPUs it needs and
+                none joined: a clear failure, not a run that waits for ever. (An actor
+                waiting while others of the stage work only slows it.)
+        """
+        if not self._starting:
+            return
+        calls = {ref: actor for actor, (ref, _) in self._starting.items()}
+        ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
+        for ref in ready:
+            actor = calls[ref]
+            del self._starting[actor]
+            with contextlib.suppress(RayError):  # else it died: its block fails and it is replaced
+                self._where[actor] = ray.get(ref)
+        late = [t0 for _, t0 in self._starting.values() if time.monotonic() - t0 > timeout_s]
+        if late and not any(a in self._where for a in self.actors):
+            raise self._cannot_start(len(late), timeout_s)
+
+    def _cannot_start(self, count: int, timeout_s: float) -> TierflowError:
+        return TierflowError(
+            f"stage {self.stage.name!r}: {count} actor(s) needing {self.cpus} CPU each could not "
+            f"start within {timeout_s:.0f} s (not enough CPU in the cluster?)"
+        )
 
     @property
     def idle(self) -> int:
@@ -198,6 +223,7 @@ class ActorPool:
         actor = self._take_spare()
         if actor is None:
             actor = self._factory(None)
+            self._starting[actor] = (actor.ready.remote(), time.monotonic())
             self.started += 1
         else:
             self._refill_at = time.monotonic() + SPARE_REFILL_S
@@ -313,6 +339,7 @@ class ActorPool:
         """Kill a working actor and forget it (the caller takes it out of ``_idle``)."""
         ray.kill(actor, no_restart=True)
         self.actors.remove(actor)
+        self._starting.pop(actor, None)
         self._strikes.pop(actor, None)
         self._where.pop(actor, None)
 
@@ -537,6 +564,7 @@ class RayBackend:
             self._check_servers()
             self._serve_joined()
             for pool in self._pools.values():
+                pool.check_starting(ACTOR_START_TIMEOUT_S)
                 pool.shrink()
                 pool.refill()
             self._keep_task_slot()
