@@ -236,6 +236,7 @@ class PlacedPool:
     """An actor pool as the backend's spare placement sees it: where its actors are."""
 
     cpus = 0.5
+    standby = 1
 
     def __init__(self, nodes: list[str]) -> None:
         self.nodes = nodes

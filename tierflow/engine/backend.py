@@ -463,6 +463,8 @@ class RayBackend:
     def _keep_task_slot(self) -> None:
         """Stop spares while no node has a task slot free of actors (a lost node can leave
         the survivors full): a spare must never stop the work it stands by for."""
+        if not any(pool.standby for pool in self._pools.values()):
+            return
         free = self._free_cpus()
         for pool in self._pools.values():
             for spare, node in sorted(pool.built_spares(), key=lambda sn: -free.get(sn[1], 0.0)):
