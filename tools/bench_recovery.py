@@ -34,7 +34,9 @@ order of the systems every round):
    where the most stage calls finished in the last 10 s -- the node holding the most
    freshly made blocks, the ones still waiting for their next stage -- is removed
    (``Cluster.remove_node``: every process of that node dies, with its object store and
-   its LMDB) and a fresh node is added in its place.
+   its LMDB) and a fresh node is added in its place at once (``--fault replace``, the
+   default; ``--fault remove``: none is, as the issue words it; ``--fault join``: a node is
+   only added, a control for what a node's start-up costs on these shared cores).
 
 tierflow: ``tierflow.run.run_pipeline`` with ``replicas: 2`` (each intermediate block on
 two nodes), a ``file://`` durable store (the sink), the same Triton server by URL. Task
@@ -571,8 +573,9 @@ def main() -> int:
     ap.add_argument("--last-factor", type=int, default=8, help="the last stage does this many times the work")
     ap.add_argument("--at", type=float, default=0.6, help="progress at which the node is removed")
     ap.add_argument("--fault", choices=("replace", "remove", "join"), default="replace",
-                    help="replace: remove the node and add a fresh one (the default); remove: no replacement; "
-                         "join: only add a node, nothing lost (a control: what a joining node costs here)")
+                    help="replace: remove the node and add a fresh one at once (the default); remove: no "
+                         "replacement (the next round gets it back, unmeasured); join: only add a node, nothing "
+                         "lost (a control: what a node's start-up costs on these shared cores; one round)")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--cpus-per-node", type=int, default=2)
     ap.add_argument("--replicas", type=int, default=2)
@@ -641,6 +644,8 @@ def main() -> int:
             order = systems if rnd % 2 == 0 else systems[::-1]
             for system in order:
                 if changed:  # warm the replacement node for this system (unmeasured)
+                    while len(cluster.workers) < args.nodes:  # --fault remove: the next round has them all
+                        cluster.workers.append(cluster.cluster.add_node(**cluster._node_args()))
                     one_run(system, "warmup", False, work_dir, warm, triton.url, cluster, args, 4 * args.block_rows)
                     changed = False
                 for fault in (False, True):  # each system's two runs back to back

@@ -29,6 +29,8 @@ What happens:
    * ``node``   -- ``Cluster.remove_node`` of the worker node running the most stage steps
      (every process of that node dies, its LMDB copies become unreachable), then a fresh
      replacement node is added.
+   * ``lose``   -- the same removal, and no node takes its place (the run finishes on
+     what is left).
    * ``triton`` -- stop the Triton server (SIGTERM, reaped) and start a new one on the
      same ports; ``--triton-down-s`` seconds pass between the two.
 
@@ -190,8 +192,10 @@ def demo_expected(data: Path) -> pa.Table:
     return summarize(Normalize()(features(table)))
 
 
-def demo_manifest(work: Path, rows: int, block_rows: int, delay_s: float, triton: bool = True) -> Path:
-    """Write the demo data and manifest into ``work``; returns the manifest path."""
+def demo_manifest(work: Path, rows: int, block_rows: int, delay_s: float, triton: bool = True,
+                  standby: int = 0) -> Path:
+    """Write the demo data and manifest into ``work``; returns the manifest path.
+    ``standby``: spare actors for each actor stage."""
     import yaml
 
     write_demo_data(work / "data", rows)
@@ -219,6 +223,9 @@ def demo_manifest(work: Path, rows: int, block_rows: int, delay_s: float, triton
         doc["stages"] = [st for st in doc["stages"] if st["kind"] != "triton"]
         doc["stages"][-1]["requires"] = ["id", "features"]
         del doc["triton"]
+    for st in doc["stages"]:
+        if standby and (st["kind"] == "triton" or "cls" in st):
+            st["standby"] = standby
     path = work / "chaos-demo.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -445,8 +452,8 @@ def parse_schedule(text: str) -> list[tuple[str, float]]:
     out = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         name, _, frac = item.partition("@")
-        if name not in ("kill", "node", "triton") or not frac:
-            raise ValueError(f"bad fault {item!r}: want kill@F, node@F or triton@F with F in [0, 1)")
+        if name not in ("kill", "node", "lose", "triton") or not frac:
+            raise ValueError(f"bad fault {item!r}: want kill@F, node@F, lose@F or triton@F with F in [0, 1)")
         f = float(frac)
         if not 0.0 <= f < 1.0:
             raise ValueError(f"bad fraction in {item!r}")
@@ -488,8 +495,8 @@ class FaultInjector:
                     detail = self.cluster.kill_step_worker(rng)
                     event["injected"] = detail is not None
                     event["detail"] = detail or "no worker was running a step"
-                elif name == "node":
-                    event["detail"] = self.cluster.replace_node()
+                elif name in ("node", "lose"):  # lose: no node takes its place
+                    event["detail"] = self.cluster.replace_node(replace=name == "node")
                     event["injected"] = True
                 elif self.triton is None:
                     event["injected"], event["detail"] = False, "the pipeline has no Triton stage"
@@ -709,7 +716,7 @@ def run_chaos(manifest: Path | None = None, *, id_column: str = "id", schedule: 
               nodes: int = 3, cpus_per_node: int = 2, replicas: int = 2, triton_down_s: float = 0.0,
               work: Path | None = None, rows: int = 6000, block_rows: int = 100, delay_s: float = 0.15,
               seed: int = 0, golden: bool | str = True, quiet: bool = False,
-              triton_crash: bool = False, demo_triton: bool = True) -> dict[str, Any]:
+              triton_crash: bool = False, demo_triton: bool = True, standby: int = 0) -> dict[str, Any]:
     """Golden run + chaos run + oracle; returns the summary (``summary["ok"]``).
 
     ``golden``: True runs the manifest fault-free first and compares with its output;
@@ -723,7 +730,7 @@ def run_chaos(manifest: Path | None = None, *, id_column: str = "id", schedule: 
     work.mkdir(parents=True, exist_ok=True)
     exec_log = None
     if manifest is None:
-        manifest = demo_manifest(work, rows, block_rows, delay_s, demo_triton)
+        manifest = demo_manifest(work, rows, block_rows, delay_s, demo_triton, standby)
         exec_log = work / "executions.log"
     prepared = prepare(Path(manifest), id_column, exec_log)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -853,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("manifest", nargs="?", help="manifest to run (default: the built-in demo pipeline)")
     ap.add_argument("--id-column", default="id", help="unique, stable row id kept by every stage")
-    ap.add_argument("--schedule", default=DEFAULT_SCHEDULE, help="faults as fault@fraction,... (kill, node, triton)")
+    ap.add_argument("--schedule", default=DEFAULT_SCHEDULE, help="faults as fault@fraction,... (kill, node, lose, triton)")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--cpus-per-node", type=int, default=2)
     ap.add_argument("--replicas", type=int, default=2)
@@ -863,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-rows", type=int, default=100, help="demo pipeline: rows per block")
     ap.add_argument("--delay-s", type=float, default=0.15, help="demo pipeline: extra seconds per block and stage")
     ap.add_argument("--no-triton", action="store_true", help="demo pipeline: leave out the Triton stage")
+    ap.add_argument("--standby", type=int, default=0, help="demo pipeline: spare actors per actor stage")
     ap.add_argument("--seed", type=int, default=0, help="picks which running worker each kill hits")
     ap.add_argument("--no-golden", action="store_true", help="skip the fault-free run (no content comparison)")
     ap.add_argument("--local-golden", action="store_true",
@@ -882,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
                         replicas=args.replicas, triton_down_s=args.triton_down_s,
                         work=Path(args.work) if args.work else None, rows=args.rows, block_rows=args.block_rows,
                         delay_s=args.delay_s, seed=args.seed, golden="local" if args.local_golden else not args.no_golden,
-                        triton_crash=args.triton_crash, demo_triton=not args.no_triton)
+                        triton_crash=args.triton_crash, demo_triton=not args.no_triton, standby=args.standby)
     print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
