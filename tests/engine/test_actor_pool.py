@@ -263,14 +263,15 @@ def test_spares_leave_one_node_a_free_task_slot(monkeypatch: pytest.MonkeyPatch)
     be._task_cpus = 1.0  # a sink task
     a, b = PlacedPool(["A", "A", "A"]), PlacedPool(["B"])
     be._pools = {0: a, 1: b}  # type: ignore[dict-item]
-    assert be._place_spare(0, 0.5, avoid={"B"}) == "A"  # off the working node, B keeps 1.5 free
+    assert be._place(0, 0.5, avoid={"B"}) == "A"  # off the working node, B keeps 1.5 free
     b.nodes.append("B")
-    assert be._place_spare(0, 0.5, avoid=set()) == "A"  # the fullest node that fits: B keeps 1.0
+    assert be._place(0, 0.5, avoid=set()) == "A"  # the fullest node that fits: B keeps 1.0
     a.nodes.append("A")
     # 1.0 free on B alone: a spare there would leave two half slots and no task slot
-    assert be._place_spare(0, 0.5, avoid=set()) is None
+    assert be._place(0, 0.5, avoid=set()) is None
+    assert be._place(0, 0.5, avoid=None) == "B"  # a successor starts anyway: on the fullest node that fits
     be._excluded[0] = {"A"}
-    assert be._place_spare(0, 0.0, avoid=set()) == "B"  # never on a node excluded from the stage
+    assert be._place(0, 0.0, avoid=set()) == "B"  # never on a node excluded from the stage
     b.spares = [("spare", "B")]  # e.g. the node that had room was lost: the survivors are full
     be._keep_task_slot()
     assert b.dropped == ["spare"] and not a.dropped

@@ -133,10 +133,12 @@ class ActorPool:
     of a block (:meth:`warm`), so the lazy costs of a first call are paid before it takes
     over, not on the block it takes over. A new spare starts in its place ``SPARE_REFILL_S``
     later (:meth:`refill`), not during the recovery it would compete with for CPU.
-    ``place(cpus, avoid)`` picks a spare's node (off ``avoid``, the working actors' nodes,
-    where it can) or says there is no room for it beside the pipeline's own work (after a
-    node is lost there may not be: the pool then keeps fewer, and asks again later).
-    ``factory(node)`` starts an actor there, or where Ray places it when ``node`` is None.
+    ``place(cpus, avoid)`` picks the node of an actor started mid-run, packed so that a
+    task step keeps a slot: a spare's off ``avoid`` (the working actors' nodes) where it
+    can, or None when there is no room for it beside the pipeline's own work (after a node
+    is lost there may not be: the pool then keeps fewer, and asks again later); a working
+    actor's (``avoid`` None) in any case. ``factory(node)`` starts an actor there, or where
+    Ray places it when ``node`` is None.
     """
 
     def __init__(
@@ -147,7 +149,7 @@ class ActorPool:
         max_size: int,
         idle_s: float = 30.0,
         standby: int = 0,
-        place: Callable[[float, Collection[str]], str | None] = lambda cpus, avoid: "",
+        place: Callable[[float, Collection[str] | None], str | None] = lambda cpus, avoid: "",
     ) -> None:
         self.stage = stage
         self._factory = factory
@@ -164,7 +166,7 @@ class ActorPool:
         self.took_over = 0  # spares that became working actors
         self._spares: dict[Any, Any] = {}  # spare -> its ready() call (resolves to its node)
         self._cold: set[Any] = set()  # spares not yet sent a warm-up call
-        self._placed: dict[Any, str] = {}  # spare -> the node it was sent to
+        self._placed: dict[Any, str] = {}  # actor or spare started mid-run -> the node it was sent to
         self._strikes: dict[Any, deque[float]] = {}
         self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
         self._starting: dict[Any, tuple[Any, float]] = {}  # actor started mid-run -> (ready() call, when)
@@ -222,7 +224,9 @@ class ActorPool:
     def _start(self) -> Any:
         actor = self._take_spare()
         if actor is None:
-            actor = self._factory(None)
+            node = self._place(self.cpus, None) or ""
+            actor = self._factory(node or None)
+            self._placed[actor] = node
             self._starting[actor] = (actor.ready.remote(), time.monotonic())
             self.started += 1
         else:
@@ -340,8 +344,13 @@ class ActorPool:
         ray.kill(actor, no_restart=True)
         self.actors.remove(actor)
         self._starting.pop(actor, None)
+        self._placed.pop(actor, None)
         self._strikes.pop(actor, None)
         self._where.pop(actor, None)
+
+    def idle_actors(self) -> list[tuple[Any, str]]:
+        """(actor, node) of the idle working actors whose node is known."""
+        return [(a, self._where[a]) for a, _ in self._idle if a in self._where]
 
     def placements(self) -> list[tuple[str, float]]:
         """(node, CPUs) of each actor and spare; node "" where not known yet."""
@@ -388,7 +397,7 @@ class RayBackend:
                 ),
                 *s.config.concurrency_range,
                 standby=s.config.standby,
-                place=lambda cpus, avoid, s=s: self._place_spare(s.index, cpus, avoid),
+                place=lambda cpus, avoid, s=s: self._place(s.index, cpus, avoid),
             )
         tasks = [s.config.num_cpus for s in plan.stages if s.index not in self._pools]
         self._task_cpus = max([SINK_CPUS, *tasks])  # what one task step needs, kept free of spares
@@ -447,31 +456,48 @@ class RayBackend:
             free[max(free, key=free.__getitem__)] -= unplaced
         return free
 
-    def _place_spare(self, step: int, cpus: float, avoid: Collection[str]) -> str | None:
-        """The node for a new spare of ``cpus`` CPUs, or None when there is no room: the
-        fullest node that fits it (off ``avoid`` while another node can take it, never one
-        excluded from the stage) such that some node keeps a free slot for a task step. A
-        spare holding the last one would stop the task steps and the sink for good (a
-        node's free CPUs count, not the cluster's: two half-free nodes make no slot)."""
+    def _place(self, step: int, cpus: float, avoid: Collection[str] | None) -> str | None:
+        """The node for a new actor of ``cpus`` CPUs: the fullest node that fits it (off
+        ``avoid`` while another node can take it, never one excluded from the stage) such
+        that some node keeps a free slot for a task step. Actors spread over half-free
+        nodes would stop the task steps and the sink for good (a node's free CPUs count,
+        not the cluster's: two half-free nodes make no slot).
+
+        ``avoid`` None is a working actor (a successor, growth), which starts in any case:
+        the fullest node that fits it when none keeps a slot, Ray's choice ("") when none
+        fits. For a spare, None: no room for it.
+        """
         free = self._free_cpus()
         fits = [n for n in free if free[n] >= cpus and n not in self._excluded.get(step, ())]
-        for node in sorted([n for n in fits if n not in avoid] or fits, key=free.__getitem__):
+        fits.sort(key=free.__getitem__)
+        for node in [n for n in fits if n not in (avoid or ())] or fits:
             if max(free[n] - (cpus if n == node else 0.0) for n in free) >= self._task_cpus:
                 return node
-        return None
+        if avoid is not None:
+            return None
+        return fits[0] if fits else ""
 
     def _keep_task_slot(self) -> None:
-        """Stop spares while no node has a task slot free of actors (a lost node can leave
-        the survivors full): a spare must never stop the work it stands by for."""
-        if not any(pool.standby for pool in self._pools.values()):
-            return
+        """While no node has a task slot free of actors (a lost node can leave the
+        survivors full, or their actors spread over half-free nodes): stop spares first
+        (a spare must never stop the work it stands by for), then move idle working actors
+        off a node they would free, their successors packed onto the fullest node that
+        fits (:meth:`_place`). Without a slot the task steps and the sink wait for ever."""
         free = self._free_cpus()
+        if max(free.values(), default=0.0) >= self._task_cpus:
+            return
         for pool in self._pools.values():
             for spare, node in sorted(pool.built_spares(), key=lambda sn: -free.get(sn[1], 0.0)):
-                if max(free.values(), default=0.0) >= self._task_cpus:
-                    return
                 pool.drop_spare(spare)
                 free[node] = free.get(node, 0.0) + pool.cpus
+                if max(free.values()) >= self._task_cpus:
+                    return
+        for pool in self._pools.values():
+            for actor, node in pool.idle_actors():
+                others = [n for n in free if n != node and free[n] >= pool.cpus]
+                if node in free and free[node] + pool.cpus >= self._task_cpus and others:
+                    pool.replace(actor)  # its successor (if the pool needs one) goes elsewhere
+                    return  # placements changed: look again next round
 
     def _options(self, step: int, node: str | None = None) -> dict[str, Any]:
         """Resources, and where: on ``node`` (a spare), else off the nodes excluded from
