@@ -621,9 +621,9 @@ class RayBackend:
     def _check_servers(self) -> None:
         """Probe each node's cache server (the answers are read one round later); a server
         found dead on a live node is started again by :meth:`_serve_joined`, so the node's
-        copies are served again. Ray 2.60 can crash an actor fetching a call's argument
-        whose owner's node just died (ray-project/ray#63079), and a cache server's calls
-        carry blocks from other nodes."""
+        copies are served again. Ray 2.60 crashed one in a recovery run (a core-worker
+        check in the actor argument-fetch path, cf. ray-project/ray#63079) while the owner
+        of a call's argument, a block from another node, had just died with its node."""
         if self._probes:
             ready, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
             for ref in ready:
