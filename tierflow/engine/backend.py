@@ -626,13 +626,15 @@ class RayBackend:
         of a call's argument, a block from another node, had just died with its node."""
         if self._probes:
             ready, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
+            alive = set(alive_nodes())
             for ref in ready:
                 node = self._probes.pop(ref)
                 try:
                     ray.get(ref)
                 except RayError:
-                    self._nodes.discard(node)
-                    forget_server(node)
+                    if node in alive:  # a lost node is left for lost_nodes() to report
+                        self._nodes.discard(node)
+                        forget_server(node)
         probed = set(self._probes.values())
         for node in self._nodes - probed:
             server = started_server(node)
