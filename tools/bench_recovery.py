@@ -486,10 +486,7 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
                               "recent_outputs_on_victim": counts.get(victim, 0),
                               "recent_outputs_total": sum(recent.values())}
                 if args.fault == "join":  # control: the cost of a node joining, nothing lost
-                    t1 = time.monotonic()
-                    node = cluster.cluster.add_node(**cluster._node_args())
-                    cluster.workers.append(node)
-                    fault_info.update(added=node.node_id[:12], add_s=round(time.monotonic() - t1, 2))
+                    fault_info.update(cluster.add_node())
                 else:
                     fault_info.update(cluster.replace_node(victim, replace=args.fault == "replace"))
                 break
@@ -645,7 +642,7 @@ def main() -> int:
             for system in order:
                 if changed:  # warm the replacement node for this system (unmeasured)
                     while len(cluster.workers) < args.nodes:  # --fault remove: the next round has them all
-                        cluster.workers.append(cluster.cluster.add_node(**cluster._node_args()))
+                        cluster.add_node()
                     one_run(system, "warmup", False, work_dir, warm, triton.url, cluster, args, 4 * args.block_rows)
                     changed = False
                 for fault in (False, True):  # each system's two runs back to back

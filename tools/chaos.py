@@ -358,12 +358,15 @@ class LocalCluster:
         info: dict[str, Any] = {"removed": victim.node_id[:12], "steps_running_there": running,
                                 "remove_s": round(removed_s, 2)}
         if replace:
-            t1 = time.monotonic()
-            node = self.cluster.add_node(**self._node_args())
-            self.workers.append(node)
-            info["added"] = node.node_id[:12]
-            info["add_s"] = round(time.monotonic() - t1, 2)
+            info.update(self.add_node())
         return info
+
+    def add_node(self) -> dict[str, Any]:
+        """Add a fresh worker node (as the others); returns its id and how long it took."""
+        t0 = time.monotonic()
+        node = self.cluster.add_node(**self._node_args())
+        self.workers.append(node)
+        return {"added": node.node_id[:12], "add_s": round(time.monotonic() - t0, 2)}
 
     def cpus_leaked(self, wait_s: float = 20.0) -> float:
         """Logical CPUs still held after ``wait_s`` (0.0 when everything was released)."""

@@ -353,7 +353,8 @@ class ActorPool:
         return [(a, self._where[a]) for a, _ in self._idle if a in self._where]
 
     def placements(self) -> list[tuple[str, float]]:
-        """(node, CPUs) of each actor and spare; node "" where not known yet."""
+        """(node, CPUs) of each actor and spare: where it runs, else where it was sent;
+        "" where neither is known yet. Spares that died meanwhile are dropped first."""
         self._built_spares()
         return [(self._where.get(a) or self._placed.get(a, ""), self.cpus) for a in [*self.actors, *self._spares]]
 
@@ -500,8 +501,8 @@ class RayBackend:
                     return  # placements changed: look again next round
 
     def _options(self, step: int, node: str | None = None) -> dict[str, Any]:
-        """Resources, and where: on ``node`` (a spare), else off the nodes excluded from
-        the stage."""
+        """Resources, and where: on ``node`` (chosen by :meth:`_place`), else off the nodes
+        excluded from the stage."""
         opts: dict[str, Any] = {"num_cpus": self._plan.stages[step].config.num_cpus}
         if node:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
