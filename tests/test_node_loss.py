@@ -30,11 +30,15 @@ ROWS, BLOCK_ROWS = 4000, 100
 BLOCKS = ROWS // BLOCK_ROWS
 
 CODE = '''
+import os
 import time
 import pyarrow.compute as pc
 
 
-def step(t, tag, log, delay_s=0.0):
+def step(t, tag, log, delay_s=0.0, gate=None):
+    deadline = time.monotonic() + 300
+    while gate is not None and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)  # held until the test has removed a node
     with open(log, "a") as fh:
         fh.write(f"{tag} {t['id'][0].as_py() // %d}\\n")
     time.sleep(delay_s)
@@ -92,13 +96,14 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     ex = make_example(tmp_path / "ex", rows=ROWS)
     (ex / "steps.py").write_text(CODE)
     log = str(ex / "executions.log")
+    gate = tmp_path / "go"  # stage b waits for it: a gets ahead however slow the machine is
     doc = {
         "name": "nodeloss",
         "source": {"format": "parquet", "path": "data/", "block_rows": BLOCK_ROWS, "columns": ["id"]},
         "stages": [
             {"name": "a", "kind": "python", "fn": "steps:step", "concurrency": 4, "params": {"tag": "a", "log": log}},
             {"name": "b", "kind": "python", "fn": "steps:step", "concurrency": 2,
-             "params": {"tag": "b", "log": log, "delay_s": 0.3}},
+             "params": {"tag": "b", "log": log, "delay_s": 0.3, "gate": str(gate)}},
             {"name": "c", "kind": "python", "cls": "steps:Step", "concurrency": 1, "num_cpus": 0.5,
              "params": {"tag": "c", "log": log}},
         ],
@@ -119,32 +124,32 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
 
     runner = threading.Thread(target=drive)
     runner.start()
-    # Wait until enough of stage a's blocks are committed but not yet consumed by b.
-    deadline = time.monotonic() + 180
-    held: dict[str, list[Any]] = {}
-    while time.monotonic() < deadline and runner.is_alive():
-        try:
-            held = json.loads(journal.read_text())["stages"]["a"]["done"]
-        except (FileNotFoundError, ValueError, KeyError):
-            held = {}
-        if len(held) >= 12:
-            break
-        time.sleep(0.05)
-    if "error" in result:
-        raise result["error"]  # the run failed before the fault: show why
-    assert len(held) >= 12, f"stage a never got ahead: {result}"
-    writers = Counter(entry[3][0].split(":", 1)[1] for entry in held.values())
-    victim_id, _ = writers.most_common(1)[0]
-    on_victim = {int(b) for b, entry in held.items() if entry[3][0] == f"lmdb:{victim_id}"}
-    assert all(len(entry[3]) >= 2 for entry in held.values()), "every block should have 2 copies"
-    snapshot = json.loads(journal.read_text())
-    # a block's later output or sink part means its stage-a output was committed too
-    done_before = {int(b) for b in held} | {int(b) for b in snapshot["parts"]} | {
-        int(b) for name in ("b", "c") for b in snapshot["stages"][name]["done"]
-    }
-    seen_before = len(Path(log).read_text().splitlines())
-    victim = next(w for w in workers if w.node_id == victim_id)
-    c.remove_node(victim)
+    try:
+        # Wait until enough of stage a's blocks are committed (b, held at the gate, consumes none).
+        deadline = time.monotonic() + 180
+        held: dict[str, list[Any]] = {}
+        while time.monotonic() < deadline and runner.is_alive():
+            try:
+                held = json.loads(journal.read_text())["stages"]["a"]["done"]
+            except (FileNotFoundError, ValueError, KeyError):
+                held = {}
+            if len(held) >= 12:
+                break
+            time.sleep(0.05)
+        if "error" in result:
+            raise result["error"]  # the run failed before the fault: show why
+        assert len(held) >= 12, f"stage a never got ahead: {result}"
+        writers = Counter(entry[3][0].split(":", 1)[1] for entry in held.values())
+        victim_id, _ = writers.most_common(1)[0]
+        on_victim = {int(b) for b, entry in held.items() if entry[3][0] == f"lmdb:{victim_id}"}
+        assert all(len(entry[3]) >= 2 for entry in held.values()), "every block should have 2 copies"
+        # b has consumed nothing, so the journal still holds every block a committed
+        done_before = {int(b) for b in json.loads(journal.read_text())["stages"]["a"]["done"]}
+        seen_before = len(Path(log).read_text().splitlines())
+        victim = next(w for w in workers if w.node_id == victim_id)
+        c.remove_node(victim)
+    finally:
+        gate.touch()  # b goes on, reading the removed node's blocks from their peer copies
 
     runner.join(timeout=300)
     assert not runner.is_alive()
