@@ -185,7 +185,11 @@ class TritonConfig(_Model):
     )
     launch: bool = Field(False, description="start the bundled server for the run")
     repository: str = Field("triton_models", description="model repository (relative to manifest)")
-    startup_timeout_s: float = Field(180.0, gt=0)
+    startup_timeout_s: float | None = Field(
+        None, gt=0,
+        description="how long a run waits for the server and its models to be ready "
+        "(default: 180 s for a launched server, 30 s for 'url' servers)",
+    )
 
     @model_validator(mode="after")
     def _url_or_launch(self) -> TritonConfig:

@@ -129,12 +129,12 @@ def triton_endpoint(manifest: Manifest) -> Iterator[str | tuple[str, ...] | None
     cfg = manifest.triton
     if cfg.launch:
         repo = Path(manifest.resolve(cfg.repository))
-        with TritonServer(repo, models=models, startup_timeout_s=cfg.startup_timeout_s) as server:
+        with TritonServer(repo, models=models, startup_timeout_s=cfg.startup_timeout_s or 180.0) as server:
             yield server.grpc_url
         return
     assert cfg.url is not None
     urls = (cfg.url,) if isinstance(cfg.url, str) else cfg.url
-    budget = min(cfg.startup_timeout_s, 30.0)
+    budget = cfg.startup_timeout_s or 30.0
     # A quick look at each first: one ready server is enough to start.
     for timeout_s in ((2.0,) if len(urls) > 1 else ()) + (budget / len(urls),):
         errors: list[Exception] = []
