@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tierflow.cache.node_server import alive_nodes, forget_server, start_cache_servers, started_server
+from tierflow.cache.node_server import forget_server, start_cache_servers, started_server
 from tierflow.cache.settings import CacheSettings
 from tierflow.cache.tiered import lmdb_nodes
 from tierflow.engine.runners import (
@@ -45,6 +45,7 @@ ACTOR_START_TIMEOUT_S = 120.0
 SERVERS_REFRESH_S = 10.0  # how often to look for nodes that joined and need a cache server
 SPARE_REFILL_S = 10.0  # a spare that took over is replaced this long after (not mid-recovery)
 NODES_REFRESH_S = 1.0  # how often Ray's node table is read to notice dead nodes
+NODE_TABLE_TTL_S = 0.2  # one driver round's decisions share one read of the table
 NODE_ID_LABEL = "ray.io/node-id"
 RETIRE_AFTER, RETIRE_WINDOW_S = 3, 120.0  # an actor failing this often is replaced
 
@@ -192,15 +193,9 @@ class ActorPool:
                 none joined: a clear failure, not a run that waits for ever. (An actor
                 waiting while others of the stage work only slows it.)
         """
-        if not self._starting:
-            return
-        calls = {ref: actor for actor, (ref, _) in self._starting.items()}
-        ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
-        for ref in ready:
-            actor = calls[ref]
+        built, dead = self._answered({a: ref for a, (ref, _) in self._starting.items()})
+        for actor in [*built, *dead]:  # a dead one's block fails and it is replaced
             del self._starting[actor]
-            with contextlib.suppress(RayError):  # else it died: its block fails and it is replaced
-                self._where[actor] = ray.get(ref)
         late = [t0 for _, t0 in self._starting.values() if time.monotonic() - t0 > timeout_s]
         if late and not any(a in self._where for a in self.actors):
             raise self._cannot_start(len(late), timeout_s)
@@ -273,17 +268,27 @@ class ActorPool:
 
     def _built_spares(self) -> list[Any]:
         """The spares constructed by now, their nodes noted; dead ones dropped."""
-        if not self._spares:
-            return []
-        ready, _ = ray.wait(list(self._spares.values()), num_returns=len(self._spares), timeout=0)
-        for spare, ref in list(self._spares.items()):
-            if spare in self._where or ref not in ready:
+        built, dead = self._answered(self._spares)
+        for spare in dead:  # died while waiting (its node was lost)
+            self.drop_spare(spare)
+        return built
+
+    def _answered(self, calls: dict[Any, Any]) -> tuple[list[Any], list[Any]]:
+        """Of ``calls`` (actor -> its ready() call), the actors constructed by now, their
+        nodes noted, and those that died starting."""
+        if not calls:
+            return [], []
+        ready = set(ray.wait(list(calls.values()), num_returns=len(calls), timeout=0)[0])
+        built, dead = [], []
+        for actor, ref in calls.items():
+            if ref not in ready:
                 continue
             try:
-                self._where[spare] = ray.get(ref)
-            except RayError:  # died while waiting (its node was lost)
-                self.drop_spare(spare)
-        return [a for a in self._spares if a in self._where]
+                self._where[actor] = ray.get(ref)
+                built.append(actor)
+            except RayError:
+                dead.append(actor)
+        return built, dead
 
     def built_spares(self) -> list[tuple[Any, str]]:
         """(spare, node) of the spares constructed by now."""
@@ -381,6 +386,8 @@ class RayBackend:
         self._joining: dict[Any, str] = {}  # node() calls of cache servers starting on new nodes
         self._probes: dict[Any, str] = {}  # node() calls checking that running servers live
         self._nodes_at = 0.0
+        self._table: dict[str, float] = {}  # alive node -> its CPUs, read at _table_at
+        self._table_at = -NODE_TABLE_TTL_S
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         self._plan, self._sink, self._settings = plan, sink, settings
@@ -441,11 +448,20 @@ class RayBackend:
                 ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
 
+    def _alive(self) -> dict[str, float]:
+        """The alive nodes and their CPUs, from Ray's node table (read at most every
+        ``NODE_TABLE_TTL_S``)."""
+        now = time.monotonic()
+        if now - self._table_at >= NODE_TABLE_TTL_S:
+            nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+            self._table = {str(n["NodeID"]): float(n["Resources"].get("CPU", 0.0)) for n in nodes if n.get("Alive")}
+            self._table_at = now
+        return self._table
+
     def _free_cpus(self) -> dict[str, float]:
         """Per alive node, its CPUs not held by an actor or spare of this run. Actors whose
         node is not known yet count against the freest node (the worst case for tasks)."""
-        free = {str(n["NodeID"]): float(n["Resources"].get("CPU", 0.0))
-                for n in ray.nodes() if n.get("Alive")}  # type: ignore[no-untyped-call]
+        free = dict(self._alive())
         unplaced = 0.0
         for pool in self._pools.values():
             for node, held in pool.placements():
@@ -522,7 +538,7 @@ class RayBackend:
 
     def exclude(self, step: int, node: str) -> bool:
         excluded = self._excluded.setdefault(step, set())
-        if not set(alive_nodes()) - excluded - {node} - {ray.get_runtime_context().get_node_id()}:
+        if not set(self._alive()) - excluded - {node} - {ray.get_runtime_context().get_node_id()}:
             return False  # never leave a stage without a node to run on
         excluded.add(node)
         return True
@@ -532,7 +548,7 @@ class RayBackend:
             flush_blocks.options(
                 num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
             ).remote(prefix, self._settings_ref)
-            for node in alive_nodes()
+            for node in self._alive()
         ]
         try:
             return sum(ray.get(refs))
@@ -545,8 +561,7 @@ class RayBackend:
     def lost_nodes(self) -> list[str]:
         if time.monotonic() - self._nodes_at > NODES_REFRESH_S:
             self._nodes_at = time.monotonic()
-            alive = set(alive_nodes())
-            gone = self._nodes - alive
+            gone = self._nodes - set(self._alive())
             self._nodes -= gone
             self._lost.extend(sorted(gone))
             for node in gone:
@@ -627,7 +642,7 @@ class RayBackend:
         of a call's argument, a block from another node, had just died with its node."""
         if self._probes:
             ready, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
-            alive = set(alive_nodes())
+            alive = self._alive()
             for ref in ready:
                 node = self._probes.pop(ref)
                 try:
@@ -647,7 +662,7 @@ class RayBackend:
         waiting for it: on a new node that means a worker process first, seconds in which
         no block would move."""
         joining = set(self._joining.values())
-        joined = [n for n in alive_nodes() if n not in self._nodes and n not in joining]
+        joined = [n for n in sorted(self._alive()) if n not in self._nodes and n not in joining]
         for node, server in start_cache_servers(self._settings, joined, wait=False).items():
             self._joining[server.node.remote()] = node
 
