@@ -10,7 +10,6 @@ that no block of ``a`` committed before the removal ran again.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -90,6 +89,7 @@ def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster: Any) -> None:
+    from tierflow.engine.journal import Journal
     from tierflow.run import run_pipeline
 
     c, workers = cluster
@@ -112,7 +112,7 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     }
     manifest = ex / "nodeloss.yaml"
     manifest.write_text(yaml.safe_dump(doc))
-    journal = tmp_path / "durable" / "_journal" / "nodeloss" / "journal.json"
+    journal = str(tmp_path / "durable" / "_journal" / "nodeloss")
 
     result: dict[str, Any] = {}
 
@@ -130,7 +130,7 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
         held: dict[str, list[Any]] = {}
         while time.monotonic() < deadline and runner.is_alive():
             try:
-                held = json.loads(journal.read_text())["stages"]["a"]["done"]
+                held = Journal.load(journal).document()["stages"]["a"]["done"]
             except (FileNotFoundError, ValueError, KeyError):
                 held = {}
             if len(held) >= 12:
@@ -144,7 +144,7 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
         on_victim = {int(b) for b, entry in held.items() if entry[3][0] == f"lmdb:{victim_id}"}
         assert all(len(entry[3]) >= 2 for entry in held.values()), "every block should have 2 copies"
         # b has consumed nothing, so the journal still holds every block a committed
-        done_before = {int(b) for b in json.loads(journal.read_text())["stages"]["a"]["done"]}
+        done_before = {int(b) for b in Journal.load(journal).document()["stages"]["a"]["done"]}
         seen_before = len(Path(log).read_text().splitlines())
         victim = next(w for w in workers if w.node_id == victim_id)
         c.remove_node(victim)

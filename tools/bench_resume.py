@@ -539,10 +539,11 @@ def cpu_s(execs: list[dict[str, Any]]) -> float:
 
 
 def tf_journal(run_dir: Path) -> dict[str, Any]:
+    from tierflow.engine.journal import Journal
+
     try:
-        path = run_dir / ".tierflow" / "store" / "_journal" / PIPELINE / "journal.json"
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
-    except (FileNotFoundError, ValueError):
+        return Journal.load(str(run_dir / ".tierflow" / "store" / "_journal" / PIPELINE)).document()
+    except (OSError, ValueError):
         return {}
 
 

@@ -432,13 +432,16 @@ class RestartableTriton:
 
 
 def journal_progress(journal: Path, n_stages: int) -> float:
-    """Fraction of block-steps (stages + sink) committed, from the journal (0 when absent).
+    """Fraction of block-steps (stages + sink) committed, from the journal in directory
+    ``journal`` (0 when absent).
 
     A block counts as far as its furthest committed step: the journal forgets a consumed
     intermediate once the next stage has committed, so the furthest step is what is left.
     """
+    from tierflow.engine.journal import Journal
+
     try:
-        doc = json.loads(journal.read_text())
+        doc = Journal.load(str(journal)).document()
     except (OSError, ValueError):
         return 0.0
     blocks = int(doc.get("blocks") or 0)
@@ -546,7 +549,7 @@ def prepare(manifest_path: Path, id_column: str, exec_log: Path | None = None) -
 def variant(p: Prepared, work: Path, tag: str, replicas: int, triton_url: str | None) -> tuple[Path, Path, Path]:
     """A copy of the manifest for one run: its own sink, cache and durable store.
 
-    Returns (manifest, output dir, journal path)."""
+    Returns (manifest, output dir, journal directory)."""
     import yaml
 
     doc = yaml.safe_load(p.manifest.read_text())
@@ -562,7 +565,7 @@ def variant(p: Prepared, work: Path, tag: str, replicas: int, triton_url: str | 
     doc.pop("ray", None)
     path = work / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path, out, durable / "_journal" / p.name / "journal.json"
+    return path, out, durable / "_journal" / p.name
 
 
 class FailureLog:

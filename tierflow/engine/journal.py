@@ -1,23 +1,43 @@
 """The journal: which blocks each stage has committed, kept in the durable store.
 
-It lives at ``<durable store>/_journal/<pipeline>/journal.json`` (the remote store when one
-is configured, else ``<cache dir>/store``) and is rewritten whole, atomically, at most every
-``interval_s`` and at the end of a run: temp file + rename on local disks, one PUT on
-object stores. A crash therefore leaves either the previous or the new journal, never half
-of one. It stores keys' metadata only — never data, never credentials.
+It lives in ``<durable store>/_journal/<pipeline>/`` (the remote store when one is
+configured, else ``<cache dir>/store``) as a log, the way Delta Lake keeps its table log:
+a snapshot ``journal.json`` plus the deltas written since it. A flush (at most every
+``interval_s``, and at the end of a run) writes only what changed since the previous one,
+as one new object ``delta-<seq>.json``; so it costs O(changes), however many blocks the
+pipeline has. Every object is written whole and atomically (temp file + rename on local
+disks, one PUT on object stores), so a crash leaves each object either absent or complete.
+It stores keys' metadata only — never data, never credentials.
 
 The driver is its only writer. Next to it, ``lease.json`` says which driver is running the
 pipeline; another driver refuses to start until that lease expires (its holder renews it
 with every flush, so a SIGKILLed holder loses it after ``lease_s``, or at once for a
 re-run on the same host, where the holder's pid can be seen to be gone).
 
-Format (version 1)::
+Format (version 2). The snapshot ``journal.json``::
 
-    {"version": 1, "pipeline": "demo", "run_id": "...", "state": "running|succeeded|failed",
-     "updated_at": 1764000000.0, "blocks": 120, "sink_fingerprint": "<sha256>",
+    {"version": 2, "seq": 17, "pipeline": "demo", "run_id": "...",
+     "state": "running|succeeded|failed", "updated_at": 1764000000.0, "blocks": 120,
+     "sink_fingerprint": "<sha256>",
      "stages": {"clean": {"fingerprint": "<sha256>", "done": {"42": [rows, nbytes, checksum, [locations]]},
                           "rejected": {"7": rows set aside by on_error: skip_rows}}},
      "parts": {"42": [name, rows, bytes, checksum]}}
+
+``seq`` is the last delta folded into it. A delta ``delta-000000000018.json``::
+
+    {"version": 2, "seq": 18, "run_id": "<the snapshot's>", "state": "running", "updated_at": ...,
+     "ops": [["done", "clean", 42, [rows, nbytes, checksum, [locations]]],  # committed, or locations added
+             ["done", "clean", 41, null],                                 # forgotten
+             ["rejected", "clean", 7, rows],
+             ["part", 42, [name, rows, bytes, checksum]]]}
+
+Each op sets a key to its current whole value (``null``: removes it), so applying one twice
+is harmless. Loading reads the snapshot and applies the deltas with seq > its ``seq`` in
+order, up to the first missing or unreadable one (the end of the log). When the deltas
+outweigh the snapshot (or number ``COMPACT_DELTAS``), and always when a run begins or
+finishes, a fresh snapshot is written, and only then are the deltas it covers deleted
+(deltas left by a crash in between have seq <= the snapshot's and are ignored). A version
+1 journal (the whole state in ``journal.json``, no ``seq``, no deltas) loads as seq 0.
 
 ``done`` holds the blocks whose output is still needed or kept (consumed intermediates are
 forgotten when the engine deletes them); ``parts`` the sink parts already committed.
@@ -27,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -41,7 +62,12 @@ from tierflow.io.sink import PartMeta
 
 JOURNAL = "journal.json"
 LEASE = "lease.json"
-VERSION = 1
+VERSION = 2
+COMPACT_DELTAS = 1000  # at most this many deltas between two snapshots (each one is a read on load)
+_DELTA = re.compile(r"delta-(\d+)\.json")
+
+# A pending change, by what it changes: ("done" | "rejected", stage, block) or ("part", block).
+_Key = tuple[Any, ...]
 
 
 class PipelineBusy(TierflowError):
@@ -50,6 +76,10 @@ class PipelineBusy(TierflowError):
 
 def journal_dir(durable_url: str, pipeline: str) -> str:
     return f"{durable_url.rstrip('/')}/_journal/{pipeline}"
+
+
+def delta_name(seq: int) -> str:
+    return f"delta-{seq:012d}.json"
 
 
 def _dead_here(lease: dict[str, Any]) -> bool:
@@ -64,6 +94,46 @@ def _dead_here(lease: dict[str, Any]) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _deltas(fs: AbstractFileSystem, root: str) -> dict[int, str]:
+    """The delta objects in ``root``, by seq (temp files of unfinished writes excluded)."""
+    fs.invalidate_cache(root)  # object stores' listings are cached per filesystem instance
+    try:
+        names = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for name in names:
+        base = str(name).rstrip("/").rpartition("/")[2]
+        m = _DELTA.fullmatch(base)
+        if m:
+            out[int(m.group(1))] = f"{root}/{base}"
+    return out
+
+
+def _parse_delta(raw: bytes, seq: int, run_id: str) -> list[list[Any]] | None:
+    """The ops of a delta, checked whole before any is applied; None when it is not a
+    complete delta of this snapshot's run."""
+    try:
+        doc = json.loads(raw)
+        if doc["version"] != VERSION or doc["seq"] != seq or doc["run_id"] != run_id:
+            return None
+        ops = doc["ops"]
+        for op in ops:
+            if op[0] == "part":
+                _, block, meta = op
+                ok = isinstance(block, int) and (meta is None or len(meta) == 4)
+            else:
+                kind, stage, block, value = op
+                ok = (isinstance(stage, str) and isinstance(block, int)
+                      and (value is None or (kind == "done" and len(value) == 4)
+                           or (kind == "rejected" and isinstance(value, int))))
+            if not ok:
+                return None
+        return [["_", doc["state"], float(doc["updated_at"])], *ops]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 @dataclass
@@ -92,9 +162,19 @@ class Journal:
     # Who holds the lease: this process's object, never read back from storage.
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     unreachable: str = field(init=False, default="")  # the last periodic flush's error
+    seq: int = field(init=False, default=0)  # the last delta written or read (or folded into the snapshot)
     _last_flush: float = field(init=False, default=0.0)
-    _write_s: float = field(init=False, default=0.0)
-    _dirty: bool = field(init=False, default=False)
+    _write_s: float = field(init=False, default=0.0)  # the last delta write's duration
+    # Changed since the last successful flush. Only the keys: a flush writes their values
+    # as they are then, so a flush that failed is simply retried with more keys.
+    _pending: dict[_Key, None] = field(init=False, default_factory=dict)
+    # This object's first write is a snapshot: whatever deltas are in the store (left past
+    # the end of the log it read, or from another journal this one replaces, e.g. a --fresh
+    # run) are then covered by it and deleted, never appended to.
+    _snapshot_due: bool = field(init=False, default=True)
+    _snapshot_bytes: int = field(init=False, default=0)
+    _delta_bytes: int = field(init=False, default=0)  # written since the snapshot
+    _delta_count: int = field(init=False, default=0)
 
     @property
     def _fs(self) -> tuple[AbstractFileSystem, str]:
@@ -104,18 +184,30 @@ class Journal:
 
     @classmethod
     def load(cls, url: str, storage_options: dict[str, Any] | None = None, **kw: Any) -> Journal:
-        """The stored journal, or an empty one when there is none."""
-        j = cls(url, dict(storage_options or {}), **kw)
-        fs, root = j._fs
-        try:
-            doc = json.loads(fs.cat_file(f"{root}/{JOURNAL}"))
-        except FileNotFoundError:
-            return j
-        if doc.get("version") != VERSION:
-            raise TierflowError(f"journal {url}/{JOURNAL} has version {doc.get('version')}, expected {VERSION}")
-        j.pipeline, j.state, j.blocks = doc["pipeline"], doc["state"], doc["blocks"]
-        j.run_id, j.updated_at = doc["run_id"], doc["updated_at"]
-        j.stages = {
+        """The stored journal (its snapshot plus the deltas after it), or an empty one when
+        there is none."""
+        for _attempt in range(3):
+            j = cls(url, dict(storage_options or {}), **kw)
+            fs, root = j._fs
+            try:
+                raw = fs.cat_file(f"{root}/{JOURNAL}")
+            except FileNotFoundError:
+                return j  # no snapshot: nothing was ever written (deltas come after one)
+            doc = json.loads(raw)
+            if doc.get("version") not in (1, VERSION):
+                raise TierflowError(
+                    f"journal {url}/{JOURNAL} has version {doc.get('version')}, expected {VERSION}")
+            j._read_snapshot(doc, len(raw))
+            if doc["version"] == 1 or j._replay(fs, root):
+                return j  # version 1 kept the whole state in journal.json: no deltas
+            # A delta missing inside the log: a compaction deleted it after we read the
+            # older snapshot. Its new snapshot covers it: read again.
+        return j
+
+    def _read_snapshot(self, doc: dict[str, Any], size: int) -> None:
+        self.pipeline, self.state, self.blocks = doc["pipeline"], doc["state"], doc["blocks"]
+        self.run_id, self.updated_at = doc["run_id"], doc["updated_at"]
+        self.stages = {
             name: {
                 "fingerprint": s["fingerprint"],
                 "done": {int(b): v for b, v in s["done"].items()},
@@ -123,9 +215,82 @@ class Journal:
             }
             for name, s in doc["stages"].items()
         }
-        j.parts = {int(b): PartMeta(*v) for b, v in doc["parts"].items()}
-        j.sink_fingerprint = doc["sink_fingerprint"]
-        return j
+        self.parts = {int(b): PartMeta(*v) for b, v in doc["parts"].items()}
+        self.sink_fingerprint = doc["sink_fingerprint"]
+        self.seq = int(doc.get("seq", 0))
+        self._snapshot_bytes = size
+
+    def _replay(self, fs: AbstractFileSystem, root: str) -> bool:
+        """Apply the deltas after the snapshot, in seq order, up to the end of the log.
+
+        Returns False when one was missing with later ones present (a gap): the replay
+        stops there, at a consistent earlier state. The one writer writes deltas in seq
+        order, each only after the previous one's write returned, so a crash leaves no
+        gap; a reader sees one only when a compaction deleted deltas after it read the
+        older snapshot.
+        """
+        listed = _deltas(fs, root)
+        after = sorted(s for s in listed if s > self.seq)  # lower ones: left by a crash after a compaction
+        run: list[int] = []
+        for s in after:
+            if s != self.seq + 1 + len(run):
+                break
+            run.append(s)
+        if not run:
+            return not after
+        blobs = fs.cat([listed[s] for s in run], on_error="return")
+        by_name = {str(k).rpartition("/")[2]: v for k, v in blobs.items()}
+        for s in run:
+            raw = by_name.get(delta_name(s))
+            if raw is None or isinstance(raw, FileNotFoundError):
+                return False  # deleted since listed: a compaction ran (a gap)
+            if isinstance(raw, BaseException):
+                raise raw  # the store failed: never mistake that for the end of the log
+            ops = _parse_delta(raw, s, self.run_id)
+            if ops is None:
+                # A torn or foreign delta ends the log. Safe: its write never returned, so
+                # nothing (no deleted block, no _SUCCESS) relied on it; its writer's next
+                # object is a snapshot covering every delta present (see _snapshot_due).
+                return True
+            self._apply(ops)
+            self.seq = s
+            self._delta_bytes += len(raw)
+            self._delta_count += 1
+        return len(run) == len(after)
+
+    def _apply(self, ops: list[list[Any]]) -> None:
+        for op in ops:
+            kind = op[0]
+            if kind == "_":
+                self.state, self.updated_at = op[1], op[2]
+            elif kind == "part":
+                if op[2] is None:
+                    self.parts.pop(op[1], None)
+                else:
+                    self.parts[op[1]] = PartMeta(*op[2])
+            else:
+                # A delta's stages are its snapshot's (only begin() changes them, and it
+                # writes a snapshot): an unknown one cannot occur, and is skipped.
+                table = self.stages.get(op[1], {}).get(kind)
+                if table is None:
+                    continue
+                if op[3] is None:
+                    table.pop(op[2], None)
+                else:
+                    table[op[2]] = op[3]
+
+    def document(self) -> dict[str, Any]:
+        """The whole state, as the snapshot ``journal.json`` holds it (its ``seq`` too)."""
+        return {
+            "version": VERSION, "seq": self.seq, "pipeline": self.pipeline, "run_id": self.run_id,
+            "state": self.state, "updated_at": self.updated_at, "blocks": self.blocks,
+            "sink_fingerprint": self.sink_fingerprint,
+            "stages": {
+                n: {"fingerprint": s["fingerprint"], "done": s["done"], "rejected": s["rejected"]}
+                for n, s in self.stages.items()
+            },
+            "parts": {str(b): [p.name, p.rows, p.bytes, p.checksum] for b, p in self.parts.items()},
+        }
 
     def committed(self, stage: str, fingerprint: str) -> dict[int, list[Any]]:
         """Blocks of ``stage`` committed under ``fingerprint`` (empty if it changed)."""
@@ -155,47 +320,50 @@ class Journal:
                    else {"fingerprint": fp, "done": {}, "rejected": {}})
             for name, fp in fingerprints.items()
         }
+        self._snapshot_due = True  # whole stages and parts may be gone: no delta says that
         self.flush(force=True)
 
     def record_block(self, stage: str, block: int, rows: int, nbytes: int, checksum: str,
                      locations: tuple[str, ...]) -> None:
         self.stages[stage]["done"][block] = [rows, nbytes, checksum, list(locations)]
-        self._dirty = True
+        self._pending[("done", stage, block)] = None
 
     def record_rejected(self, stage: str, block: int, rows: int) -> None:
         # kept when the block itself is forgotten: the count belongs in the final _SUCCESS
         self.stages[stage]["rejected"][block] = rows
-        self._dirty = True
+        self._pending[("rejected", stage, block)] = None
 
     def add_locations(self, stage: str, block: int, locations: tuple[str, ...]) -> None:
         entry = self.stages[stage]["done"].get(block)
         if entry is not None:
             entry[3] = [*entry[3], *locations]
-            self._dirty = True
+            self._pending[("done", stage, block)] = None
 
     def forget_block(self, stage: str, block: int) -> None:
         self.stages[stage]["done"].pop(block, None)
-        self._dirty = True
+        self._pending[("done", stage, block)] = None
 
     def record_part(self, block: int, part: PartMeta) -> None:
         self.parts[block] = part
-        self._dirty = True
+        self._pending[("part", block)] = None
 
     def finish(self, state: str) -> None:
         self.state = state
+        self._snapshot_due = True  # a finished journal is one object, read in one GET
         self.flush(force=True)
 
     def flush(self, force: bool = False) -> bool:
-        """Write the journal if something changed and ``interval_s`` passed (or ``force``).
+        """Write the changes since the last flush if there are any and ``interval_s``
+        passed (or ``force``).
 
-        A periodic flush that cannot reach the durable store returns False and is tried
-        again at the next interval (the run goes on); a forced one raises.
+        A periodic flush that cannot reach the durable store returns False and keeps its
+        changes for the next one (the run goes on); a forced one raises.
         """
         now = time.monotonic()
-        # The journal is rewritten whole, so a big one costs more per write: space writes
-        # to keep them under ~10 % of the driver's time, and never closer than interval_s.
+        # A delta costs what changed, not the journal's size; still keep writes under
+        # ~10 % of the driver's time on a slow store, and never closer than interval_s.
         gap = max(self.interval_s, 10 * self._write_s)
-        if not force and (not self._dirty or now - self._last_flush < gap):
+        if not force and (not self._pending or now - self._last_flush < gap):
             return False
         if force:
             self._write(now)
@@ -208,24 +376,64 @@ class Journal:
         return True
 
     def _write(self, now: float) -> None:
-        started = time.perf_counter()
-        self.updated_at = time.time()
-        doc = {
-            "version": VERSION, "pipeline": self.pipeline, "run_id": self.run_id, "state": self.state,
-            "updated_at": self.updated_at, "blocks": self.blocks, "sink_fingerprint": self.sink_fingerprint,
-            "stages": {
-                n: {"fingerprint": s["fingerprint"], "done": s["done"], "rejected": s["rejected"]}
-                for n, s in self.stages.items()
-            },
-            "parts": {str(b): [p.name, p.rows, p.bytes, p.checksum] for b, p in self.parts.items()},
-        }
-        fs, root = self._fs
-        fs.makedirs(root, exist_ok=True)
-        write_atomic(fs, f"{root}/{JOURNAL}", json.dumps(doc, separators=(",", ":")).encode(), crash="journal_write")
-        self._last_flush, self._dirty, self.unreachable = now, False, ""
-        self._write_s = time.perf_counter() - started
+        if self._snapshot_due:
+            self._compact()
+        else:
+            started = time.perf_counter()
+            self._write_delta()
+            self._write_s = time.perf_counter() - started
+        self._last_flush, self.unreachable = now, ""
         if self.state == "running":
             self.renew_lease()
+        if self._delta_count >= COMPACT_DELTAS or self._delta_bytes > self._snapshot_bytes:
+            # Amortised O(changes): a snapshot is written once deltas as big as it were.
+            try:
+                self._compact()
+            except Exception:  # noqa: BLE001, S110 - the changes are durable in the deltas: try after the next flush
+                pass
+
+    def _write_delta(self) -> None:
+        """The pending changes, as the next delta. On failure they stay pending and the
+        same seq is written again: a delta that did land is replaced by a superset."""
+        seq = self.seq + 1
+        self.updated_at = time.time()
+        ops: list[list[Any]] = []
+        for key in self._pending:
+            if key[0] == "part":
+                p = self.parts.get(key[1])
+                ops.append(["part", key[1], None if p is None else [p.name, p.rows, p.bytes, p.checksum]])
+            elif key[1] in self.stages:
+                ops.append([key[0], key[1], key[2], self.stages[key[1]][key[0]].get(key[2])])
+        doc = {"version": VERSION, "seq": seq, "run_id": self.run_id, "state": self.state,
+               "updated_at": self.updated_at, "ops": ops}
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        fs, root = self._fs
+        write_atomic(fs, f"{root}/{delta_name(seq)}", data, crash="journal_write")
+        self.seq, self._pending = seq, {}
+        self._delta_bytes += len(data)
+        self._delta_count += 1
+
+    def _compact(self) -> None:
+        """Write the whole state as a new snapshot covering every delta in the store, then
+        delete those deltas. Never the other way round: a crash in between leaves deltas
+        with seq <= the snapshot's, which a load ignores and the next compaction deletes."""
+        fs, root = self._fs
+        fs.makedirs(root, exist_ok=True)
+        listed = _deltas(fs, root)
+        self.updated_at = time.time()
+        doc = self.document()
+        # Every delta present is ours (its changes are in memory: a superset) or past the
+        # end of the log we read: either way this snapshot replaces it.
+        doc["seq"] = seq = max([self.seq, *listed])
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        write_atomic(fs, f"{root}/{JOURNAL}", data, crash="journal_write")
+        self.seq, self._pending, self._snapshot_due = seq, {}, False
+        self._snapshot_bytes, self._delta_bytes, self._delta_count = len(data), 0, 0
+        if listed:
+            try:
+                fs.rm(list(listed.values()))
+            except Exception:  # noqa: BLE001, S110 - harmless leftovers (seq <= the snapshot's): next compaction
+                pass
 
     # -- the lease -------------------------------------------------------------------------
 
