@@ -62,6 +62,17 @@ def test_pool_scales_between_min_and_max(local_ray: None) -> None:
     pool.shutdown()
 
 
+def test_an_idle_actor_on_the_node_of_the_input_is_preferred() -> None:
+    pool = ActorPool(None, lambda node: object(), 3, 3)  # type: ignore[arg-type]
+    a, b, c = pool.actors
+    pool._where.update({a: "n1", b: "n2", c: "n3"})
+    assert pool.acquire(["n9", "n2"]) is b  # the input has a copy on n2: read locally
+    assert pool.acquire(["n9"]) is c  # none idle where the input is: the most recently used
+    pool.release(b, "n2")
+    assert pool.acquire(["n1"]) is a
+    assert pool.acquire() is b
+
+
 def test_an_actor_failing_too_often_is_retired_and_replaced(local_ray: None) -> None:
     pool = ActorPool(None, lambda node: Echo.remote(), min_size=2, max_size=2)  # type: ignore[arg-type]
     bad, good = pool.acquire(), pool.acquire()

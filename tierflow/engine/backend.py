@@ -211,9 +211,17 @@ class ActorPool:
         """Blocks that could start now: idle actors plus room to grow."""
         return len(self._idle) + self.max_size - len(self.actors)
 
-    def acquire(self) -> Any:
+    def acquire(self, near: Collection[str] = ()) -> Any:
+        """An idle actor for one block, preferring one on a node in ``near`` (where the
+        block's input has a copy: the read is then local), else the most recently used
+        (which keeps the others idle, to shrink); a new one when none is idle."""
+        for i in range(len(self._idle) - 1, -1, -1):
+            actor = self._idle[i][0]
+            if self._where.get(actor) in near:
+                del self._idle[i]
+                return actor
         if self._idle:
-            return self._idle.pop()[0]  # the most recently used: keeps the others idle to shrink
+            return self._idle.pop()[0]
         return self._start()
 
     def _start(self) -> Any:
@@ -439,7 +447,7 @@ class RayBackend:
             src = self._source_ref if d.step == 0 else None
             if d.step in self._pools:
                 pool = self._pools[d.step]
-                actor = pool.acquire()
+                actor = pool.acquire(lmdb_nodes(input_locations))
                 ref = actor.run.remote(src, io)
                 pool.warm(src, io)
             else:
