@@ -139,6 +139,21 @@ def test_a_flush_writes_only_what_changed(tmp_path: Path) -> None:
     assert json.loads(newest.read_text())["ops"] == [["part", 5000, ["part-005000.parquet", 100, 5000, "ab" * 16]]]
 
 
+def test_a_block_committed_and_forgotten_between_two_flushes_writes_nothing(tmp_path: Path) -> None:
+    j = big_begun(tmp_path)
+    j.record_block("a", 1, 10, 100, "c1", ())
+    assert j.flush(force=True)
+    for b in range(2, 500):  # a fast stage: committed and consumed within one interval
+        j.record_block("a", b, 10, 100, f"c{b}", ())
+        j.forget_block("a", b)
+    j.forget_block("a", 1)  # in the store: its removal must be written
+    j.record_block("a", 7, 10, 100, "c7", ())
+    assert j.flush(force=True)
+    newest = deltas(tmp_path / "j")[-1]
+    assert json.loads(newest.read_text())["ops"] == [["done", "a", 1, None], ["done", "a", 7, [10, 100, "c7", []]]]
+    assert state(Journal.load(str(tmp_path / "j"))) == state(j)
+
+
 def test_compaction_folds_the_deltas_into_the_snapshot_and_deletes_them(tmp_path: Path) -> None:
     j = big_begun(tmp_path)
     for b in range(2000, 2005):

@@ -165,9 +165,10 @@ class Journal:
     seq: int = field(init=False, default=0)  # the last delta written or read (or folded into the snapshot)
     _last_flush: float = field(init=False, default=0.0)
     _write_s: float = field(init=False, default=0.0)  # the last delta write's duration
-    # Changed since the last successful flush. Only the keys: a flush writes their values
-    # as they are then, so a flush that failed is simply retried with more keys.
-    _pending: dict[_Key, None] = field(init=False, default_factory=dict)
+    # Changed since the last successful flush, each with whether the store has it. Only
+    # the keys: a flush writes their values as they are then, so a flush that failed is
+    # simply retried with more keys; a block committed and forgotten in between is dropped.
+    _pending: dict[_Key, bool] = field(init=False, default_factory=dict)
     # This object's first write is a snapshot: whatever deltas are in the store (left past
     # the end of the log it read, or from another journal this one replaces, e.g. a --fresh
     # run) are then covered by it and deleted, never appended to.
@@ -325,27 +326,30 @@ class Journal:
 
     def record_block(self, stage: str, block: int, rows: int, nbytes: int, checksum: str,
                      locations: tuple[str, ...]) -> None:
-        self.stages[stage]["done"][block] = [rows, nbytes, checksum, list(locations)]
-        self._pending[("done", stage, block)] = None
+        done = self.stages[stage]["done"]
+        self._pending.setdefault(("done", stage, block), block in done)
+        done[block] = [rows, nbytes, checksum, list(locations)]
 
     def record_rejected(self, stage: str, block: int, rows: int) -> None:
         # kept when the block itself is forgotten: the count belongs in the final _SUCCESS
+        self._pending.setdefault(("rejected", stage, block), block in self.stages[stage]["rejected"])
         self.stages[stage]["rejected"][block] = rows
-        self._pending[("rejected", stage, block)] = None
 
     def add_locations(self, stage: str, block: int, locations: tuple[str, ...]) -> None:
         entry = self.stages[stage]["done"].get(block)
         if entry is not None:
             entry[3] = [*entry[3], *locations]
-            self._pending[("done", stage, block)] = None
+            self._pending.setdefault(("done", stage, block), True)
 
     def forget_block(self, stage: str, block: int) -> None:
-        self.stages[stage]["done"].pop(block, None)
-        self._pending[("done", stage, block)] = None
+        done, key = self.stages[stage]["done"], ("done", stage, block)
+        if not self._pending.setdefault(key, block in done):
+            del self._pending[key]  # committed since the last flush: the store never had it
+        done.pop(block, None)
 
     def record_part(self, block: int, part: PartMeta) -> None:
+        self._pending.setdefault(("part", block), block in self.parts)
         self.parts[block] = part
-        self._pending[("part", block)] = None
 
     def finish(self, state: str) -> None:
         self.state = state
