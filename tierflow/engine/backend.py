@@ -14,7 +14,14 @@ from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+    TaskUnschedulableError,
+)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tierflow.cache.node_server import forget_server, start_cache_servers, started_server
@@ -393,6 +400,7 @@ class RayBackend:
         self._nodes: set[str] = set()  # nodes with a cache server, i.e. alive at the last look
         self._joining: dict[Any, str] = {}  # node() calls of cache servers starting on new nodes
         self._probes: dict[Any, str] = {}  # node() calls checking that running servers live
+        self._restart: set[str] = set()  # live nodes whose cache server was found dead
         self._nodes_at = 0.0
         self._table: dict[str, float] = {}  # alive node -> its CPUs, read at _table_at
         self._table_at = -NODE_TABLE_TTL_S
@@ -456,11 +464,11 @@ class RayBackend:
                 ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)
         self._pending[ref] = (d, actor)
 
-    def _alive(self) -> dict[str, float]:
+    def _alive(self, fresh: bool = False) -> dict[str, float]:
         """The alive nodes and their CPUs, from Ray's node table (read at most every
-        ``NODE_TABLE_TTL_S``)."""
+        ``NODE_TABLE_TTL_S``, unless ``fresh``)."""
         now = time.monotonic()
-        if now - self._table_at >= NODE_TABLE_TTL_S:
+        if fresh or now - self._table_at >= NODE_TABLE_TTL_S:
             nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
             self._table = {str(n["NodeID"]): float(n["Resources"].get("CPU", 0.0)) for n in nodes if n.get("Alive")}
             self._table_at = now
@@ -556,15 +564,20 @@ class RayBackend:
             flush_blocks.options(
                 num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
             ).remote(prefix, self._settings_ref)
-            for node in self._alive()
+            for node in self._alive(fresh=True)
         ]
-        try:
-            return sum(ray.get(refs))
-        except RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, TierflowError) else None
-            if cause is not None:
-                raise cause from None
-            raise
+        total = 0
+        for ref in refs:
+            try:
+                total += ray.get(ref)
+            except RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, TierflowError) else None
+                if cause is not None:
+                    raise cause from None
+                raise
+            except (TaskUnschedulableError, NodeDiedError):
+                continue  # the node went since the table was read: what it held is lost with it
+        return total
 
     def lost_nodes(self) -> list[str]:
         if time.monotonic() - self._nodes_at > NODES_REFRESH_S:
@@ -650,17 +663,17 @@ class RayBackend:
         of a call's argument, a block from another node, had just died with its node."""
         if self._probes:
             ready, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
-            alive = self._alive()
+            alive = self._alive(fresh=True)
             for ref in ready:
                 node = self._probes.pop(ref)
                 try:
                     ray.get(ref)
                 except RayError:
-                    if node in alive:  # a lost node is left for lost_nodes() to report
-                        self._nodes.discard(node)
+                    if node in alive:  # a lost node's is left for lost_nodes() to report
+                        self._restart.add(node)  # still in _nodes, so its loss would be seen
                         forget_server(node)
         probed = set(self._probes.values())
-        for node in self._nodes - probed:
+        for node in self._nodes - probed - self._restart:
             server = started_server(node)
             if server is not None:
                 self._probes[server.node.remote()] = node
@@ -670,8 +683,11 @@ class RayBackend:
         waiting for it: on a new node that means a worker process first, seconds in which
         no block would move."""
         joining = set(self._joining.values())
-        joined = [n for n in sorted(self._alive()) if n not in self._nodes and n not in joining]
+        alive = self._alive()
+        joined = [n for n in sorted(alive) if (n not in self._nodes or n in self._restart) and n not in joining]
+        self._restart &= set(alive)  # a node lost meanwhile: lost_nodes() reports it
         for node, server in start_cache_servers(self._settings, joined, wait=False).items():
+            self._restart.discard(node)
             self._joining[server.node.remote()] = node
 
     def _finish(self, ref: Any) -> tuple[Dispatch, Outcome] | None:
