@@ -1,6 +1,6 @@
 """What one journal flush costs as a pipeline grows: a delta vs the whole journal.
 
-    python tools/bench_journal.py [--parts 100000] [--changed 100] [--repeat 20] [--url DIR]
+    python tools/bench_journal.py [--parts 100000] [--changed 100] [--repeat 20] [--url DIR] [--json PATH]
 
 A running journal holds ``--parts`` committed sink parts (and a few hundred intermediate
 blocks). Measured side by side on the same journal, alternately, ``--repeat`` times:
@@ -10,7 +10,7 @@ blocks). Measured side by side on the same journal, alternately, ``--repeat`` ti
 * **whole**: the same changes, then the whole journal written at once — what every flush
   wrote before (journal v1), and about what a compaction writes now.
 
-Prints the median time and bytes of each and their ratio. ``--url`` may name an fsspec URL
+Prints the median time and bytes of each and their ratio (also written to ``--json PATH``). ``--url`` may name an fsspec URL
 (e.g. an S3 bucket through ``memory://`` or ``s3://``) instead of a local directory.
 """
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--changed", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--url", default=None)
+    ap.add_argument("--json", dest="json_path", default=None, help="also write the figures here")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = a.url or str(Path(tmp) / "journal")
@@ -77,6 +78,8 @@ def main() -> None:
             "time_ratio_whole_over_delta": round(med["whole"] / med["delta"], 1),
         }
         print(json.dumps(out, indent=1))
+        if a.json_path:
+            Path(a.json_path).write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
