@@ -11,6 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pytest
+from s3_endpoint import S3Endpoint
 
 import tierflow.io.source as source_mod
 from tierflow.io.source import BlockSpec, Source, SourceFile
@@ -307,29 +308,20 @@ def test_plan_refuses_an_index_cut_for_other_blocks(tmp_path: Path) -> None:
 
 @pytest.mark.s3
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_blocks_of_a_file_on_s3_are_read_by_byte_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
-    """A real S3 endpoint (moto): each block is one ranged GET of its own bytes."""
-    moto_server = pytest.importorskip("moto.server")
+def test_blocks_of_a_file_on_s3_are_read_by_byte_range(tmp_path: Path, s3_env: S3Endpoint, fmt: str) -> None:
+    """A real S3 endpoint: each block is one ranged GET of its own bytes."""
     from tierflow.io.fs import filesystem
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("SOURCE_TEST_KEY", "testing-key")
-        monkeypatch.setenv("SOURCE_TEST_SECRET", "testing-secret")
-        opts = {"key": "${SOURCE_TEST_KEY}", "secret": "${SOURCE_TEST_SECRET}", "endpoint_url": f"http://{host}:{port}"}
-        bucket = f"source-test-{fmt}"  # moto's state is per process, not per server
-        fs, _ = filesystem(f"s3://{bucket}", opts)
-        fs.mkdir(bucket)
-        local = tmp_path / f"in.{EXT[fmt]}"
-        write(local, rows_table(0, 25), fmt)
-        fs.put_file(str(local), f"{bucket}/in/in.{EXT[fmt]}")
-        url = f"s3://{bucket}/in/"
-        src = Source(SourceConfig(format=fmt, path=url, block_rows=10, storage_options=opts), url)
-        files, blocks, tables = read_all(src)
-        assert [f.rows for f in files] == [25] and [b.rows for b in blocks] == [10, 10, 5]
-        assert all(b.start >= 0 for b in blocks)  # indexed: byte ranges, not whole-file reads
-        assert pa.concat_tables(tables).equals(whole(local, fmt))
-    finally:
-        server.stop()
+    opts = s3_env.storage_options()
+    bucket = f"source-test-{fmt}"  # one server for the session
+    s3_env.make_bucket(bucket)
+    fs, _ = filesystem(f"s3://{bucket}", opts)
+    local = tmp_path / f"in.{EXT[fmt]}"
+    write(local, rows_table(0, 25), fmt)
+    fs.put_file(str(local), f"{bucket}/in/in.{EXT[fmt]}")
+    url = f"s3://{bucket}/in/"
+    src = Source(SourceConfig(format=fmt, path=url, block_rows=10, storage_options=opts), url)
+    files, blocks, tables = read_all(src)
+    assert [f.rows for f in files] == [25] and [b.rows for b in blocks] == [10, 10, 5]
+    assert all(b.start >= 0 for b in blocks)  # indexed: byte ranges, not whole-file reads
+    assert pa.concat_tables(tables).equals(whole(local, fmt))

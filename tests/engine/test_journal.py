@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from s3_endpoint import S3Endpoint
 
 from tierflow.engine.journal import Journal, PipelineBusy
 from tierflow.io.fs import filesystem
@@ -292,32 +293,23 @@ def test_round_trip_on_an_object_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_round_trip_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real S3 endpoint (moto): listings are cached per s3fs instance, so each load and
+def test_round_trip_on_s3(s3_env: S3Endpoint) -> None:
+    """A real S3 endpoint: listings are cached per s3fs instance, so each load and
     compaction must list afresh; deleted deltas must not be replayed."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("JOURNAL_TEST_KEY", "testing-key")
-        monkeypatch.setenv("JOURNAL_TEST_SECRET", "testing-secret")
-        opts = {"key": "${JOURNAL_TEST_KEY}", "secret": "${JOURNAL_TEST_SECRET}", "endpoint_url": f"http://{host}:{port}"}
-        fs, _ = filesystem("s3://journal-test", opts)
-        fs.mkdir("journal-test")
-        url = "s3://journal-test/_journal/p"
-        j = big_begun_at(url, opts, parts=500)
-        for b in range(3):
-            j.record_block("a", b, 1, 1, f"c{b}", ())
-            assert j.flush(force=True)
-        assert len(fs.glob("journal-test/_journal/p/delta-*.json")) == 3
-        back = Journal.load(url, opts)
-        assert back.seq == j.seq and state(back) == state(j)
-        j.forget_block("a", 0)
-        j.finish("succeeded")
-        fs.invalidate_cache()
-        assert fs.glob("journal-test/_journal/p/delta-*.json") == []
-        back = Journal.load(url, opts)
-        assert sorted(back.committed("a", "fa")) == [1, 2] and back.state == "succeeded"
-    finally:
-        server.stop()
+    opts = s3_env.storage_options()
+    s3_env.make_bucket("journal-test")
+    fs, _ = filesystem("s3://journal-test", opts)
+    url = "s3://journal-test/_journal/p"
+    j = big_begun_at(url, opts, parts=500)
+    for b in range(3):
+        j.record_block("a", b, 1, 1, f"c{b}", ())
+        assert j.flush(force=True)
+    assert len(fs.glob("journal-test/_journal/p/delta-*.json")) == 3
+    back = Journal.load(url, opts)
+    assert back.seq == j.seq and state(back) == state(j)
+    j.forget_block("a", 0)
+    j.finish("succeeded")
+    fs.invalidate_cache()
+    assert fs.glob("journal-test/_journal/p/delta-*.json") == []
+    back = Journal.load(url, opts)
+    assert sorted(back.committed("a", "fa")) == [1, 2] and back.state == "succeeded"
