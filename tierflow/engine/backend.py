@@ -7,11 +7,10 @@ in-process fake (``tierflow.testing.InlineBackend``) in scale tests of the drive
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Collection
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import ray
 from ray.exceptions import (
@@ -121,6 +120,26 @@ class Backend(Protocol):
     def shutdown(self) -> None:
         """Wait for dead letters to be written, then stop every actor."""
         ...
+
+
+_T = TypeVar("_T")
+
+
+def pop_answered(calls: dict[Any, _T]) -> tuple[list[tuple[_T, Any]], list[_T]]:
+    """Take the Ray calls answered by now out of ``calls`` (call -> what it is for): what
+    each one that returned was for, with its result, and what each one that failed with a
+    Ray error (its worker, actor or node died) was for."""
+    if not calls:
+        return [], []
+    ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
+    results, failed = [], []
+    for ref in ready:
+        what = calls.pop(ref)
+        try:
+            results.append((what, ray.get(ref)))
+        except RayError:
+            failed.append(what)
+    return results, failed
 
 
 class ActorPool:
@@ -291,19 +310,9 @@ class ActorPool:
     def _answered(self, calls: dict[Any, Any]) -> tuple[list[Any], list[Any]]:
         """Of ``calls`` (actor -> its ready() call), the actors constructed by now, their
         nodes noted, and those that died starting."""
-        if not calls:
-            return [], []
-        ready = set(ray.wait(list(calls.values()), num_returns=len(calls), timeout=0)[0])
-        built, dead = [], []
-        for actor, ref in calls.items():
-            if ref not in ready:
-                continue
-            try:
-                self._where[actor] = ray.get(ref)
-                built.append(actor)
-            except RayError:
-                dead.append(actor)
-        return built, dead
+        built, dead = pop_answered({ref: actor for actor, ref in calls.items()})
+        self._where.update(built)
+        return [actor for actor, _ in built], dead
 
     def built_spares(self) -> list[tuple[Any, str]]:
         """(spare, node) of the spares constructed by now."""
@@ -609,19 +618,9 @@ class RayBackend:
         self._copies[ref] = (step, block)
 
     def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
-        if not self._copies:
-            return []
-        ready, _ = ray.wait(list(self._copies), num_returns=len(self._copies), timeout=0)
-        added = []
-        for ref in ready:
-            step, block = self._copies.pop(ref)
-            try:
-                locations = tuple(ray.get(ref))
-            except RayError:  # the holder died too: the block is read from what is left
-                continue
-            if locations:
-                added.append((step, block, locations))
-        return added
+        # A failed copy's holder died too: the block is read from what is left.
+        copied, _ = pop_answered(self._copies)
+        return [(step, block, tuple(locations)) for (step, block), locations in copied if locations]
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:
@@ -633,13 +632,8 @@ class RayBackend:
                 pool.shrink()
                 pool.refill()
             self._keep_task_slot()
-        if self._joining:
-            ready, _ = ray.wait(list(self._joining), num_returns=len(self._joining), timeout=0)
-            for ref in ready:
-                node = self._joining.pop(ref)
-                with contextlib.suppress(RayError):  # else the node went again
-                    ray.get(ref)
-                    self._nodes.add(node)
+        served, _ = pop_answered(self._joining)  # a failed one's node went again
+        self._nodes.update(node for node, _ in served)
         done, self._synthetic = self._synthetic, []
         if not self._pending and not self._discard:
             if not done:
@@ -661,17 +655,13 @@ class RayBackend:
         copies are served again. Ray 2.60 crashed one in a recovery run (a core-worker
         check in the actor argument-fetch path, cf. ray-project/ray#63079) while the owner
         of a call's argument, a block from another node, had just died with its node."""
-        if self._probes:
-            ready, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
+        _, dead = pop_answered(self._probes)
+        if dead:
             alive = self._alive(fresh=True)
-            for ref in ready:
-                node = self._probes.pop(ref)
-                try:
-                    ray.get(ref)
-                except RayError:
-                    if node in alive:  # a lost node's is left for lost_nodes() to report
-                        self._restart.add(node)  # still in _nodes, so its loss would be seen
-                        forget_server(node)
+            for node in dead:
+                if node in alive:  # a lost node's is left for lost_nodes() to report
+                    self._restart.add(node)  # still in _nodes, so its loss would be seen
+                    forget_server(node)
         probed = set(self._probes.values())
         for node in self._nodes - probed - self._restart:
             server = started_server(node)
