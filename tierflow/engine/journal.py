@@ -112,6 +112,11 @@ def _deltas(fs: AbstractFileSystem, root: str) -> dict[int, str]:
     return out
 
 
+def _part_row(p: PartMeta) -> list[Any]:
+    """A sink part as the snapshot and the deltas hold it (read back as ``PartMeta(*row)``)."""
+    return [p.name, p.rows, p.bytes, p.checksum]
+
+
 def _parse_delta(raw: bytes, seq: int, run_id: str) -> list[list[Any]] | None:
     """The ops of a delta, checked whole before any is applied; None when it is not a
     complete delta of this snapshot's run."""
@@ -290,7 +295,7 @@ class Journal:
                 n: {"fingerprint": s["fingerprint"], "done": s["done"], "rejected": s["rejected"]}
                 for n, s in self.stages.items()
             },
-            "parts": {str(b): [p.name, p.rows, p.bytes, p.checksum] for b, p in self.parts.items()},
+            "parts": {str(b): _part_row(p) for b, p in self.parts.items()},
         }
 
     def committed(self, stage: str, fingerprint: str) -> dict[int, list[Any]]:
@@ -405,7 +410,7 @@ class Journal:
         for key in self._pending:
             if key[0] == "part":
                 p = self.parts.get(key[1])
-                ops.append(["part", key[1], None if p is None else [p.name, p.rows, p.bytes, p.checksum]])
+                ops.append(["part", key[1], None if p is None else _part_row(p)])
             elif key[1] in self.stages:
                 ops.append([key[0], key[1], key[2], self.stages[key[1]][key[0]].get(key[2])])
         doc = {"version": VERSION, "seq": seq, "run_id": self.run_id, "state": self.state,
