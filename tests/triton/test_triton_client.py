@@ -326,3 +326,24 @@ def test_response_contradicting_the_config_is_a_model_error(
     assert info.value.model == "liar"
     assert tensor in info.value.reason
     assert liar_server.grpc_url in info.value.reason  # which server answered so
+
+
+def test_model_version_is_sent_with_every_call(triton_server: TritonServer) -> None:
+    """The repository serves version 1 only: naming it works, naming another is refused
+    (a version that silently fell back to the server's choice would change keys and nothing else)."""
+    x = _features(8)
+    assert _mlp(triton_server.grpc_url, model_version="1").infer_table(_mlp_table(x)).num_rows == 8
+    with pytest.raises(ModelError) as info:
+        _mlp(triton_server.grpc_url, model_version="7").infer_table(_mlp_table(x))
+    assert info.value.model == "mlp_classifier"
+
+
+def test_stage_model_version_reaches_the_client(triton_server: TritonServer) -> None:
+    from tierflow.engine.runners import make_transform
+    from tierflow.manifest import TritonStage
+
+    stage = TritonStage(kind="triton", name="classify", model="mlp_classifier", model_version="7",
+                        inputs={"features": "FEATURES"}, outputs=MLP_OUT)
+    transform = make_transform((stage,), triton_server.grpc_url)
+    with pytest.raises(ModelError):
+        transform(_mlp_table(_features(4)))

@@ -74,6 +74,7 @@ def _stage_transform(stage: Stage, triton_url: str | tuple[str, ...] | None) -> 
         client = TritonStageClient(
             url=triton_url,
             model=stage.model,
+            model_version=stage.model_version,
             inputs=stage.inputs,
             outputs=stage.outputs,
             batch_size=stage.batch_size,

@@ -178,6 +178,7 @@ class TritonStageClient:
         batch_size: Rows per request (capped at the model's ``max_batch_size``).
         max_inflight: Requests in flight at once, per ``infer_table`` call, over all endpoints.
         timeout_s: End-to-end deadline of one request (``client_timeout``).
+        model_version: The version every call names (``""``: the server's policy picks).
         retry: Failover, backoff and readiness waits for retryable failures.
         sleep: Called with each backoff and poll delay; inject to test without sleeping.
         client_factory: ``url -> tritonclient.grpc.InferenceServerClient``-like object
@@ -200,6 +201,7 @@ class TritonStageClient:
         *,
         client_factory: Callable[[str], Any] = _default_factory,
         clock: Callable[[], float] = time.monotonic,
+        model_version: str = "",
     ) -> None:
         urls = (url,) if isinstance(url, str) else tuple(url)
         if not urls or not all(isinstance(u, str) and u for u in urls):
@@ -220,6 +222,7 @@ class TritonStageClient:
         #: The endpoints as errors name them: the URL, or the URLs joined by ", ".
         self.url = ", ".join(urls)
         self.model = model
+        self.model_version = model_version
         self.inputs = dict(inputs)
         self.outputs = dict(outputs)
         self.batch_size = batch_size
@@ -272,7 +275,7 @@ class TritonStageClient:
             if self._spec is None:
                 response = self._call(
                     lambda client: client.get_model_config(
-                        self.model, client_timeout=self.timeout_s
+                        self.model, self.model_version, client_timeout=self.timeout_s
                     )
                 )
                 spec = spec_from_config(response.config)
@@ -371,7 +374,7 @@ class TritonStageClient:
                     with map_triton_errors(ep.url, self.model):
                         client = self._pool.client(ep)
                         ready = client.is_model_ready(
-                            self.model, client_timeout=max(min(_PROBE_TIMEOUT_S, remaining), 0.01)
+                            self.model, self.model_version, client_timeout=max(min(_PROBE_TIMEOUT_S, remaining), 0.01)
                         )
                 except InferenceError as exc:
                     ready = False
@@ -496,6 +499,7 @@ class TritonStageClient:
                                 self.model,
                                 infer_inputs,
                                 callback=lambda result, error, i=i: done.put((i, result, error)),
+                                model_version=self.model_version,
                                 outputs=requested,
                                 client_timeout=self.timeout_s,
                             )
