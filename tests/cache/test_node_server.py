@@ -169,7 +169,7 @@ def test_durable_put_places_replicas_minus_one_copies_and_delete_reaches_peers(
     assert meta.locations[-1] == "remote" and len(meta.locations) == 3
     assert len(set(held)) == 2 and existed and not still
     peer = held[1].split(":", 1)[1]
-    server = ray.get_actor(server_name(peer), namespace=NAMESPACE)
+    server = ray.get_actor(server_name(peer, settings), namespace=NAMESPACE)
     assert ray.get(server.contains.remote(KEY)) is False
 
 
@@ -243,21 +243,21 @@ def test_a_dead_server_on_a_live_node_is_started_again(cluster: Any, tmp_path: P
     settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store", replicas=2,
                              lmdb_map_size=1 << 30)
     start_cache_servers(settings)
-    ray.get(started_server(node).put.remote("demo/3f9a1c0e/clean/000001", codec.encode_table(table()), False))
+    ray.get(started_server(node, settings).put.remote("demo/3f9a1c0e/clean/000001", codec.encode_table(table()), False))
     be = RayBackend()
     be._settings, be._nodes = settings, {node}
     be._check_servers()  # probes sent
-    dead = started_server(node)
+    dead = started_server(node, settings)
     ray.kill(dead, no_restart=True)  # as Ray's own crash of a server mid-call does
     deadline = time.monotonic() + 30
     while node not in be._restart and time.monotonic() < deadline:  # each call reads answers, probes again
         be._check_servers()
         time.sleep(0.2)
-    assert node in be._restart and started_server(node) is None
+    assert node in be._restart and started_server(node, settings) is None
     assert node in be._nodes  # still known alive: were it lost now, lost_nodes() would report it
     be._serve_joined()
     assert node not in be._restart
-    fresh = started_server(node)
+    fresh = started_server(node, settings)
     assert fresh is not None and fresh is not dead
     assert ray.get(fresh.node.remote(), timeout=60) == node
     assert ray.get(fresh.get.remote("demo/3f9a1c0e/clean/000001")) is not None  # the node's copies, served again
@@ -279,3 +279,46 @@ def test_the_final_flush_skips_a_node_gone_since_the_node_table_was_read(
     gone = "ab" * 28  # a node removed at the very end of a run (the chaos smoke test met it)
     monkeypatch.setattr(be, "_alive", lambda fresh=False: {**alive, gone: 1.0})
     assert be.flush("demo/") == 0  # the live nodes flushed; the lost one is not a failure
+
+
+@pytest.mark.ray
+def test_each_run_replicates_into_its_own_cache_dir_and_stops_its_servers(cluster: Any, tmp_path: Path) -> None:
+    """Two runs in one Ray session, each with its own ``cache.dir``: the second run's peer
+    copies land in its own directories (a server left by the first run would put them in
+    the first run's), and no cache server outlives either run."""
+    import pyarrow.parquet as pq
+    import ray
+    import yaml
+
+    from tierflow.cache.node_server import stop_cache_servers
+    from tierflow.cache.tiers.lmdb import LmdbTier
+    from tierflow.run import run_pipeline
+
+    stop_cache_servers()  # the earlier tests' servers
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": np.arange(400)}), tmp_path / "data" / "a.parquet")
+
+    def run(name: str) -> None:
+        doc = {"name": name, "source": {"format": "parquet", "path": "data/", "block_rows": 100},
+               "stages": [{"name": "s", "kind": "python", "fn": "pyarrow:Table.flatten", "checkpoint": True}],
+               "sink": {"path": f"out-{name}/"},
+               "cache": {"dir": str(tmp_path / f"{name}-{{node}}"), "remote_url": f"file://{tmp_path}/durable",
+                         "replicas": 3}}  # the writer, a peer and the checkpoint
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+        run_pipeline(tmp_path / f"{name}.yaml", progress_out=None)
+        left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("tierflow-cache-")]
+        assert left == [], f"cache servers outlived run {name!r}: {left}"
+
+    def keys(name: str, pipeline: str) -> list[str]:
+        found = []
+        for env in sorted(tmp_path.glob(f"{name}-*/lmdb")):
+            tier = LmdbTier(str(env), capacity_bytes=1 << 30, map_size=1 << 30)
+            found += list(tier.list(pipeline + "/"))
+            tier.close()
+        return found
+
+    run("one")
+    run("two")
+    assert keys("one", "two") == []  # nothing of the second run in the first run's environments
+    assert len(keys("two", "two")) == 2 * 4  # 4 blocks of stage s, each on its writer and a peer

@@ -20,8 +20,8 @@ How the engine uses it::
     cache = get_cache(settings)      # attaches RayPeers when Ray is initialized
     meta = cache.put_table(key, table, durable=False)    # local LMDB + replicas-1 peers
     table = cache.get_table(key, locations=meta.locations)
-    # driver, at shutdown:
-    stop_cache_servers()
+    # driver, at the run's end (the engine does this, on failure too):
+    stop_cache_servers(settings)
 
 Ray errors are translated into :class:`~tierflow.errors.TierUnavailable` here, at this
 module's edge; one unreachable peer is skipped, never fatal.
@@ -61,9 +61,16 @@ NAMESPACE = "tierflow"
 _PREFIX = "tierflow-cache-"
 
 
-def server_name(node_id: str) -> str:
-    """The actor name of node ``node_id``'s cache server."""
-    return _PREFIX + node_id
+def server_name(node_id: str, settings: CacheSettings) -> str:
+    """The actor name of node ``node_id``'s cache server for ``settings`` in this Ray job.
+
+    Servers are per job and per LMDB environment: a second run in the same driver with
+    another ``cache.dir`` (or another driver on the same cluster) gets servers of its own,
+    never one that writes peer copies into the first run's directory. Tasks compute the
+    same name, since they run in their driver's job.
+    """
+    ident = f"{ray.get_runtime_context().get_job_id()}|{settings.root}|{settings.lmdb_bytes}|{settings.lmdb_map_size}"
+    return f"{_PREFIX}{xxhash.xxh3_64_hexdigest(ident.encode())[:12]}-{node_id}"
 
 
 def rendezvous(key: str, nodes: Sequence[str]) -> list[str]:
@@ -158,7 +165,7 @@ def start_cache_servers(
             num_cpus=0,
             max_concurrency=8,
             max_restarts=0,
-            name=server_name(node_id),
+            name=server_name(node_id, settings),
             namespace=NAMESPACE,
             get_if_exists=True,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
@@ -169,32 +176,38 @@ def start_cache_servers(
     # (handles found by name do not count): keep the first handle of each server here for
     # as long as this driver runs (or until stop_cache_servers()), never replace it.
     for node_id, handle in handles.items():
-        _STARTED.setdefault(node_id, handle)
+        _STARTED.setdefault(server_name(node_id, settings), handle)
     return handles
 
 
-def stop_cache_servers() -> None:
-    """Kill every cache server of this cluster (their LMDB data stays on disk)."""
-    for node_id in alive_nodes():
+def stop_cache_servers(settings: CacheSettings | None = None) -> None:
+    """Kill the cache servers of ``settings`` in this job, or every tierflow cache server
+    of the cluster (``None``). Their LMDB data stays on disk for the next run's servers."""
+    if settings is not None:
+        names = {server_name(n, settings) for n in alive_nodes()}
+    else:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE and a["name"].startswith(_PREFIX)}
+    for name in names:
+        _STARTED.pop(name, None)
         try:
-            ray.kill(ray.get_actor(server_name(node_id), namespace=NAMESPACE))
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
         except ValueError:
             continue
-    _STARTED.clear()
 
 
-_STARTED: dict[str, Any] = {}
+_STARTED: dict[str, Any] = {}  # server name -> the handle it was started with
 
 
-def started_server(node_id: str) -> Any | None:
+def started_server(node_id: str, settings: CacheSettings) -> Any | None:
     """The handle this driver started node ``node_id``'s server with, if any."""
-    return _STARTED.get(node_id)
+    return _STARTED.get(server_name(node_id, settings))
 
 
-def forget_server(node_id: str) -> None:
+def forget_server(node_id: str, settings: CacheSettings) -> None:
     """Drop the handle of a server found dead, so that the next
     :func:`start_cache_servers` for its node starts a new one."""
-    _STARTED.pop(node_id, None)
+    _STARTED.pop(server_name(node_id, settings), None)
 
 
 class RayPeers:
@@ -226,7 +239,7 @@ class RayPeers:
                     if node_id == self.node_id:
                         continue
                     try:
-                        found[node_id] = ray.get_actor(server_name(node_id), namespace=NAMESPACE)
+                        found[node_id] = ray.get_actor(server_name(node_id, self.settings), namespace=NAMESPACE)
                     except ValueError:
                         continue
                 self._servers, self._looked_up = found, time.monotonic()

@@ -23,7 +23,7 @@ from ray.exceptions import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tierflow.cache.node_server import forget_server, start_cache_servers, started_server
+from tierflow.cache.node_server import forget_server, start_cache_servers, started_server, stop_cache_servers
 from tierflow.cache.settings import CacheSettings
 from tierflow.cache.tiered import lmdb_nodes
 from tierflow.engine.runners import (
@@ -398,6 +398,7 @@ class RayBackend:
 
     def __init__(self) -> None:
         self._pools: dict[int, ActorPool] = {}
+        self._served: CacheSettings | None = None  # the settings this backend started servers with
         self._pending: dict[Any, tuple[Dispatch, Any]] = {}
         self._discard: dict[Any, tuple[Dispatch, Any]] = {}  # cancelled copies still finishing
         self._synthetic: list[tuple[Dispatch, Outcome]] = []
@@ -435,6 +436,7 @@ class RayBackend:
         tasks = [s.config.num_cpus for s in plan.stages if s.index not in self._pools]
         self._task_cpus = max([SINK_CPUS, *tasks])  # what one task step needs, kept free of spares
         self._servers_at = time.monotonic()
+        self._served = settings
         self._nodes = set(start_cache_servers(settings))  # peer replicas go through these
         for pool in self._pools.values():
             pool.wait_ready(ACTOR_START_TIMEOUT_S)
@@ -661,10 +663,10 @@ class RayBackend:
             for node in dead:
                 if node in alive:  # a lost node's is left for lost_nodes() to report
                     self._restart.add(node)  # still in _nodes, so its loss would be seen
-                    forget_server(node)
+                    forget_server(node, self._settings)
         probed = set(self._probes.values())
         for node in self._nodes - probed - self._restart:
-            server = started_server(node)
+            server = started_server(node, self._settings)
             if server is not None:
                 self._probes[server.node.remote()] = node
 
@@ -737,6 +739,9 @@ class RayBackend:
         for pool in self._pools.values():
             pool.shutdown()
         self._pools.clear()
+        if self._served is not None:  # the servers carry this run's settings: they end with it
+            stop_cache_servers(self._served)
+            self._served = None
 
 
 def stage_limits(plan: Plan) -> list[int]:
