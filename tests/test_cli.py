@@ -54,3 +54,32 @@ def test_triton_serve_answers_a_stock_client_and_stops_on_sigterm() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("store", ["sink", "journal"])
+def test_a_store_failure_is_a_named_error_and_exit_1(tmp_path, s3_env, store: str) -> None:  # type: ignore[no-untyped-def]
+    """A sink or journal whose endpoint does not answer: one line naming the store, exit 1,
+    no traceback, no secret."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": list(range(10))}), tmp_path / "data" / "a.parquet")
+    options = {**s3_env.storage_options(), "endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    missing = {"path": "s3://no-such-bucket-tf/x", "storage_options": options}
+    doc = {"name": "stores", "source": {"format": "parquet", "path": "data/"},
+           "stages": [{"name": "s", "kind": "python", "fn": "pyarrow:Table.flatten"}],
+           "sink": {"path": "out/"}, "ray": {"num_cpus": 1}}
+    if store == "sink":
+        doc["sink"] = missing
+    else:
+        doc["cache"] = {"remote_url": missing["path"], "storage_options": missing["storage_options"]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, s3_env.key_var: s3_env.key, s3_env.secret_var: s3_env.secret}
+    proc = subprocess.run([sys.executable, "-m", "tierflow", "run", "--quiet", str(tmp_path / "m.yaml")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert f"Error: {store} store s3://no-such-bucket-tf/x" in proc.stderr
+    assert "Traceback" not in proc.stderr and s3_env.secret not in proc.stderr + proc.stdout

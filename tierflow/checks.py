@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from tierflow.cache.settings import CacheSettings
 from tierflow.code import add_import_paths, load_object
-from tierflow.errors import ManifestError, ModelError
+from tierflow.errors import ManifestError, ModelError, StoreError
 from tierflow.io.source import Source
 from tierflow.manifest import Manifest, PythonStage, TritonStage
 from tierflow.triton.repository import TensorSpec, load_model_spec
@@ -98,8 +98,8 @@ def _source_columns(manifest: Manifest, problems: list[tuple[str, str]]) -> Colu
     try:
         files = source.files()
         schema = source.read_schema(files[0])
-    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
-        problems.append(("source.path", str(exc)))
+    except (StoreError, OSError, KeyError, ValueError, pa.ArrowException) as exc:
+        problems.append(("source.path", getattr(exc, "reason", None) or str(exc)))
         return None
     columns: Columns = {f.name: f.type for f in schema}
     for name in manifest.source.columns or ():

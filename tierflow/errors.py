@@ -13,10 +13,12 @@
     │   ├── TritonUnavailable  server unreachable, UNAVAILABLE, deadline      (retryable)
     │   └── ModelError         model missing/not ready, bad tensor name/dtype/shape
     ├── StageError             user code failed; has .stage, .block, __cause__
-    └── SinkError              output exists (mode: error), or a part could not be committed
+    ├── SinkError              output exists (mode: error), or a part could not be committed
+    └── StoreError             the source's, sink's or journal's store failed  (retryable)
 
 Errors from third-party libraries (tritonclient, fsspec, lmdb) are translated into this
-tree at the edges only (``tierflow.triton.client``, ``tierflow.cache.tiers.*``), with
+tree at the edges only (``tierflow.triton.client``, ``tierflow.cache.base.tier_errors``
+for the cache tiers, ``tierflow.io.fs.fs_errors`` for the other stores), with
 ``raise ... from exc`` so the original stays attached.
 """
 
@@ -134,3 +136,17 @@ class StageError(TierflowError):
 
 class SinkError(TierflowError):
     """The sink refused to write (existing output with ``mode: error``) or could not commit."""
+
+
+class StoreError(TierflowError):
+    """The store behind the source, the sink or the journal could not be read or written
+    (unreachable, refused, missing). ``role`` says which; ``reason`` has secrets scrubbed."""
+
+    retryable = True
+
+    def __init__(self, role: str, url: str, reason: str) -> None:
+        self._init_args = (role, url, reason)
+        self.role = role
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{role} store {url}: {reason}")

@@ -57,7 +57,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from tierflow.errors import TierflowError
-from tierflow.io.fs import filesystem, write_atomic
+from tierflow.io.fs import filesystem, fs_errors, store_op, write_atomic
 from tierflow.io.sink import PartMeta
 
 JOURNAL = "journal.json"
@@ -192,23 +192,24 @@ class Journal:
     def load(cls, url: str, storage_options: dict[str, Any] | None = None, **kw: Any) -> Journal:
         """The stored journal (its snapshot plus the deltas after it), or an empty one when
         there is none."""
-        for _attempt in range(3):
-            j = cls(url, dict(storage_options or {}), **kw)
-            fs, root = j._fs
-            try:
-                raw = fs.cat_file(f"{root}/{JOURNAL}")
-            except FileNotFoundError:
-                return j  # no snapshot: nothing was ever written (deltas come after one)
-            doc = json.loads(raw)
-            if doc.get("version") not in (1, VERSION):
-                raise TierflowError(
-                    f"journal {url}/{JOURNAL} has version {doc.get('version')}, expected {VERSION}")
-            j._read_snapshot(doc, len(raw))
-            if doc["version"] == 1 or j._replay(fs, root):
-                return j  # version 1 kept the whole state in journal.json: no deltas
-            # A delta missing inside the log: a compaction deleted it after we read the
-            # older snapshot. Its new snapshot covers it: read again.
-        return j
+        with fs_errors("journal", url, storage_options):
+            for _attempt in range(3):
+                j = cls(url, dict(storage_options or {}), **kw)
+                fs, root = j._fs
+                try:
+                    raw = fs.cat_file(f"{root}/{JOURNAL}")
+                except FileNotFoundError:
+                    return j  # no snapshot: nothing was ever written (deltas come after one)
+                doc = json.loads(raw)
+                if doc.get("version") not in (1, VERSION):
+                    raise TierflowError(
+                        f"journal {url}/{JOURNAL} has version {doc.get('version')}, expected {VERSION}")
+                j._read_snapshot(doc, len(raw))
+                if doc["version"] == 1 or j._replay(fs, root):
+                    return j  # version 1 kept the whole state in journal.json: no deltas
+                # A delta missing inside the log: a compaction deleted it after we read the
+                # older snapshot. Its new snapshot covers it: read again.
+            return j
 
     def _read_snapshot(self, doc: dict[str, Any], size: int) -> None:
         self.pipeline, self.state, self.blocks = doc["pipeline"], doc["state"], doc["blocks"]
@@ -361,6 +362,7 @@ class Journal:
         self._snapshot_due = True  # a finished journal is one object, read in one GET
         self.flush(force=True)
 
+    @store_op("journal")
     def flush(self, force: bool = False) -> bool:
         """Write the changes since the last flush if there are any and ``interval_s``
         passed (or ``force``).
@@ -446,6 +448,7 @@ class Journal:
 
     # -- the lease -------------------------------------------------------------------------
 
+    @store_op("journal")
     def lease(self) -> dict[str, Any] | None:
         fs, root = self._fs
         try:
@@ -453,6 +456,7 @@ class Journal:
         except (FileNotFoundError, ValueError):
             return None
 
+    @store_op("journal")
     def acquire_lease(self) -> None:
         """Take the pipeline's lease. Raises PipelineBusy while another driver holds it."""
         held = self.lease()
@@ -468,6 +472,7 @@ class Journal:
         if now_held is None or now_held["owner"] != self.owner:
             raise PipelineBusy(f"pipeline {self.pipeline or '?'} was claimed by another driver just now")
 
+    @store_op("journal")
     def renew_lease(self) -> None:
         fs, root = self._fs
         fs.makedirs(root, exist_ok=True)
@@ -475,6 +480,7 @@ class Journal:
                "expires_at": time.time() + self.lease_s}
         write_atomic(fs, f"{root}/{LEASE}", json.dumps(doc).encode())
 
+    @store_op("journal")
     def release_lease(self) -> None:
         held = self.lease()
         if held and held["owner"] == self.owner:

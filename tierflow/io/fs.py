@@ -7,22 +7,64 @@ rule and the same resolver as the cache's durable store).
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-from tierflow.cache.settings import resolve_storage_options
+from tierflow.cache.base import unavailable_error
+from tierflow.cache.settings import resolve_storage_options, secret_values
+from tierflow.errors import StoreError
 from tierflow.faults import crash_point
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem and in-filesystem path for ``url``."""
     fs, path = fsspec.core.url_to_fs(url, **resolve_storage_options(storage_options or {}))
     return fs, path
+
+
+@contextmanager
+def fs_errors(role: str, url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Translate a store failure inside the block into :class:`StoreError` naming ``role``
+    (``source``, ``sink``, ``journal``) and ``url``: the edge where fsspec, botocore,
+    aiohttp and OS errors of the stores outside the cache become tierflow errors (the
+    same classification as the cache tiers'; resolved secrets scrubbed from the reason).
+    tierflow's own errors pass through."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        found = unavailable_error(role, exc, secret_values(storage_options or {}))
+        if found is None:
+            raise
+        raise StoreError(role, url, found.reason) from exc
+
+
+def store_op(role: str) -> Callable[[_F], _F]:
+    """Method decorator: :func:`fs_errors` around a method of an object with ``url`` and
+    ``storage_options`` (or ``config.storage_options``)."""
+
+    def wrap(method: _F) -> _F:
+        @functools.wraps(method)
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            options = getattr(self, "storage_options", None)
+            if options is None and hasattr(self, "config"):
+                options = self.config.storage_options
+            with fs_errors(role, self.url, options):
+                return method(self, *args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
 
 
 def write_atomic(fs: AbstractFileSystem, path: str, data: bytes, crash: str = "") -> None:

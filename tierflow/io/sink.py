@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from tierflow.errors import SinkError
-from tierflow.io.fs import filesystem, write_atomic
+from tierflow.io.fs import filesystem, fs_errors, store_op, write_atomic
 from tierflow.manifest import SinkConfig
 
 SUCCESS = "_SUCCESS"
@@ -44,10 +44,12 @@ class Sink:
     def _fs(self):  # type: ignore[no-untyped-def]
         return filesystem(self.url, self.config.storage_options)
 
+    @store_op("sink")
     def is_complete(self) -> bool:
         fs, root = self._fs()
         return bool(fs.exists(f"{root}/{SUCCESS}"))
 
+    @store_op("sink")
     def prepare(self) -> None:
         """Check ``mode`` and make the output stop looking complete before any part is written.
 
@@ -63,6 +65,7 @@ class Sink:
             fs.rm_file(f"{root}/{SUCCESS}")
         fs.makedirs(root, exist_ok=True)
 
+    @store_op("sink")
     def write_part(self, block: int, table: pa.Table) -> PartMeta:
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -72,6 +75,7 @@ class Sink:
         write_atomic(fs, f"{root}/{name}", data)
         return PartMeta(name, table.num_rows, len(data), xxhash.xxh3_128_hexdigest(data))
 
+    @store_op("sink")
     def commit(self, parts: list[PartMeta], extra: dict[str, object] | None = None) -> None:
         """Remove parts no longer in the plan, then write ``_SUCCESS`` listing ``parts``."""
         fs, root = self._fs()
@@ -88,6 +92,7 @@ class Sink:
         }
         write_atomic(fs, f"{root}/{SUCCESS}", json.dumps(doc, indent=1).encode())
 
+    @store_op("sink")
     def existing_parts(self) -> dict[str, int]:
         """Part files present now: name -> size (one listing)."""
         fs, root = self._fs()
@@ -104,8 +109,9 @@ class Sink:
 
 def read_success(url: str, storage_options: dict[str, str] | None = None) -> dict[str, object] | None:
     """The ``_SUCCESS`` manifest of a committed output, or None."""
-    fs, root = filesystem(url, storage_options)
-    try:
-        return json.loads(fs.cat_file(f"{root}/{SUCCESS}"))  # type: ignore[no-any-return]
-    except FileNotFoundError:
-        return None
+    with fs_errors("sink", url, storage_options):
+        fs, root = filesystem(url, storage_options)
+        try:
+            return json.loads(fs.cat_file(f"{root}/{SUCCESS}"))  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return None

@@ -26,7 +26,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from tierflow.io.fs import filesystem
+from tierflow.io.fs import filesystem, store_op
 from tierflow.manifest import SourceConfig
 
 _EXTENSIONS = {"parquet": (".parquet", ".pq"), "jsonl": (".jsonl", ".json", ".ndjson"), "csv": (".csv",)}
@@ -76,6 +76,7 @@ class Source:
     config: SourceConfig
     url: str
 
+    @store_op("source")
     def files(self) -> list[SourceFile]:
         """Every input file, sorted by path. Raises FileNotFoundError when none matches."""
         fs, path = filesystem(self.url, self.config.storage_options)
@@ -118,6 +119,7 @@ class Source:
                 blocks.append(BlockSpec(len(blocks), f.path, offset, min(step, f.rows - offset), start, end, schema))
         return blocks
 
+    @store_op("source")
     def read(self, block: BlockSpec) -> pa.Table:
         """The rows of one block, with the configured columns."""
         cols = list(self.config.columns) if self.config.columns else None
@@ -150,6 +152,7 @@ class Source:
             )
         return table
 
+    @store_op("source")
     def read_schema(self, file: SourceFile) -> pa.Schema:
         """The schema of one input file (Parquet: from its footer; CSV/JSONL: from its scan)."""
         if self.config.format == "parquet":
