@@ -83,3 +83,31 @@ def test_a_store_failure_is_a_named_error_and_exit_1(tmp_path, s3_env, store: st
     assert proc.returncode == 1, proc.stderr
     assert f"Error: {store} store s3://no-such-bucket-tf/x" in proc.stderr
     assert "Traceback" not in proc.stderr and s3_env.secret not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["cache", "stats", "-m"], ["cache", "ls", "-m"],
+                                     ["cache", "verify", "-m"], ["cache", "gc", "-m"]])
+def test_a_bad_manifest_exits_2_from_every_command(tmp_path, command: list[str]) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: []\n")
+    proc = subprocess.run([sys.executable, "-m", "tierflow", *command, str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"Error: {bad}") and "Traceback" not in proc.stderr
+
+
+def test_status_reads_the_journal_without_importing_ray(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("id\n1\n2\n")
+    doc = {"name": "quiet", "source": {"format": "csv", "path": "data/"},
+           "stages": [{"name": "s", "kind": "python", "fn": "pyarrow:Table.flatten"}], "sink": {"path": "out/"}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    script = ("import sys\nfrom tierflow.cli import main\n"
+              f"try:\n    main(['status', {str(tmp_path / 'm.yaml')!r}])\nexcept SystemExit as e:\n    code = e.code\n"
+              "print('RAY' if 'ray' in sys.modules else 'NO-RAY', code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "quiet: " in proc.stdout and "0/1" in proc.stdout  # one block, not done
+    assert proc.stdout.strip().endswith("NO-RAY 0")

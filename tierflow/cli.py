@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from tierflow.errors import ManifestError, TierflowError
 
 
-def _fail(exc: Exception, code: int) -> None:
+def _fail(exc: Exception, code: int) -> NoReturn:
     click.echo(f"Error: {exc}", err=True)
     sys.exit(code)
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    """The contract of every command: a bad manifest exits 2, a failure exits 1, both with
+    one line on stderr and no traceback."""
+    try:
+        yield
+    except ManifestError as exc:
+        _fail(exc, 2)
+    except TierflowError as exc:
+        _fail(exc, 1)
 
 
 @click.group()
@@ -33,10 +48,8 @@ def validate(manifest: str, schema: bool) -> None:
     if schema:
         click.echo(json.dumps(Manifest.model_json_schema(), indent=1))
         return
-    try:
+    with _exit_codes():
         check_manifest(load_manifest(manifest), manifest)
-    except ManifestError as exc:
-        _fail(exc, 2)
     click.echo(f"{manifest}: ok")
 
 
@@ -52,12 +65,8 @@ def run(manifest: str, address: str | None, fresh: bool, quiet: bool) -> None:
     """
     from tierflow.run import run_pipeline
 
-    try:
+    with _exit_codes():
         report = run_pipeline(manifest, address=address, fresh=fresh, progress_out=None if quiet else sys.stdout)
-    except ManifestError as exc:
-        _fail(exc, 2)
-    except TierflowError as exc:
-        _fail(exc, 1)
     click.echo(f"{report['pipeline']}: {report['rows_out']} rows written in {report['elapsed_s']:.1f} s")
 
 
@@ -69,16 +78,12 @@ def status(manifest: str) -> None:
     from rich.table import Table
 
     from tierflow.manifest import load_manifest
-    from tierflow.run import cache_settings, open_journal, plan_manifest
+    from tierflow.workspace import cache_settings, open_journal, plan_manifest
     from tierflow.status import pipeline_status
 
-    try:
+    with _exit_codes():
         m = load_manifest(manifest)
         st = pipeline_status(plan_manifest(m), open_journal(m, cache_settings(m)))
-    except ManifestError as exc:
-        _fail(exc, 2)
-    except TierflowError as exc:
-        _fail(exc, 1)
     head = f"{st['pipeline']}: {st['state']}"
     if st["running"]:
         head += f" (run in progress: {st['holder']})"
@@ -112,7 +117,7 @@ _pipeline_opt = click.option("--pipeline", default=None, help="Only this pipelin
 def _open_cache(manifest: str | None):  # type: ignore[no-untyped-def]
     from tierflow.cache import get_cache
     from tierflow.manifest import CacheConfig, load_manifest
-    from tierflow.run import cache_settings_from
+    from tierflow.workspace import cache_settings_from
 
     if manifest:
         m = load_manifest(manifest)
@@ -124,7 +129,8 @@ def _open_cache(manifest: str | None):  # type: ignore[no-untyped-def]
 @_manifest_opt
 def cache_stats(manifest: str | None) -> None:
     """Counters and per-tier usage, as JSON."""
-    click.echo(json.dumps(_open_cache(manifest).stats().as_dict(), indent=1))
+    with _exit_codes():
+        click.echo(json.dumps(_open_cache(manifest).stats().as_dict(), indent=1))
 
 
 @cache.command("ls")
@@ -132,8 +138,9 @@ def cache_stats(manifest: str | None) -> None:
 @_pipeline_opt
 def cache_ls(manifest: str | None, pipeline: str | None) -> None:
     """List block keys."""
-    for key in _open_cache(manifest).list(f"{pipeline}/" if pipeline else ""):
-        click.echo(key)
+    with _exit_codes():
+        for key in _open_cache(manifest).list(f"{pipeline}/" if pipeline else ""):
+            click.echo(key)
 
 
 @cache.command("verify")
@@ -142,7 +149,8 @@ def cache_ls(manifest: str | None, pipeline: str | None) -> None:
 @click.option("--no-repair", is_flag=True, help="Only report bad copies.")
 def cache_verify(manifest: str | None, pipeline: str | None, no_repair: bool) -> None:
     """Read and checksum every copy; repair bad copies from good ones (exit 1 if any is lost)."""
-    report = _open_cache(manifest).verify(f"{pipeline}/" if pipeline else "", repair=not no_repair)
+    with _exit_codes():
+        report = _open_cache(manifest).verify(f"{pipeline}/" if pipeline else "", repair=not no_repair)
     click.echo(f"checked {report.checked} copies: {len(report.corrupt)} corrupt, "
                f"{len(report.repaired)} repaired, {len(report.lost)} lost")
     for key in report.lost:
@@ -155,7 +163,8 @@ def cache_verify(manifest: str | None, pipeline: str | None, no_repair: bool) ->
 @_pipeline_opt
 def cache_gc(manifest: str | None, pipeline: str | None) -> None:
     """Delete cached blocks (one pipeline's, or all)."""
-    n = _open_cache(manifest).gc(pipeline)
+    with _exit_codes():
+        n = _open_cache(manifest).gc(pipeline)
     click.echo(f"deleted {n} blocks")
 
 
@@ -174,10 +183,8 @@ def serve(repo: str, grpc_port: int, http_port: int, metrics_port: int | None, h
     """Serve a model repository with the bundled tritonserver until Ctrl-C/SIGTERM."""
     from tierflow.triton.server import serve as serve_repo
 
-    try:
+    with _exit_codes():
         code = serve_repo(Path(repo), grpc_port, http_port, metrics_port=metrics_port, host=host, echo=click.echo)
-    except TierflowError as exc:
-        _fail(exc, 1)
     sys.exit(code)
 
 

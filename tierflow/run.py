@@ -12,24 +12,22 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import ray
 
-from tierflow.cache.settings import CacheSettings
 from tierflow.checks import check_manifest
 from tierflow.code import local_modules
 from tierflow.engine.executor import Executor
-from tierflow.engine.journal import Journal, journal_dir
+from tierflow.engine.journal import Journal
 from tierflow.engine.resume import resume_points, sink_fingerprint
-from tierflow.io.sink import Sink
 from tierflow.errors import ModelError, TritonUnavailable
-from tierflow.manifest import CacheConfig, Manifest, PythonStage, TritonStage, load_manifest
-from tierflow.plan import Plan, make_plan
-from tierflow.triton.repository import model_digest
+from tierflow.io.sink import Sink
+from tierflow.manifest import Manifest, PythonStage, TritonStage, load_manifest
 from tierflow.triton.server import TritonServer, wait_until_ready
+from tierflow.workspace import cache_settings, open_journal, plan_manifest
 
 REPORT_NAME = "report.json"
 
@@ -40,35 +38,6 @@ REPORT_NAME = "report.json"
 # Applied to the embedded Ray; a standing cluster sets it in its nodes' environment
 # (RAY_idle_worker_killing_time_threshold_ms).
 RAY_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 30_000}
-
-
-def cache_settings(manifest: Manifest) -> CacheSettings:
-    return cache_settings_from(manifest.cache, manifest.resolve)
-
-
-def cache_settings_from(c: CacheConfig, resolve: Callable[[str], str]) -> CacheSettings:
-    """The manifest's ``cache:`` section as the settings shipped to every worker."""
-    return CacheSettings(
-        root=resolve(c.dir),
-        memory_bytes=c.memory_bytes,
-        lmdb_bytes=c.lmdb_bytes,
-        lmdb_map_size=max(c.lmdb_bytes * 2, 1 << 30),
-        remote_url=c.remote_url,
-        storage_options=dict(c.storage_options),
-        replicas=c.replicas,
-        compression_level=c.compression_level,
-    )
-
-
-def plan_manifest(manifest: Manifest) -> Plan:
-    repo = Path(manifest.resolve(manifest.triton.repository))
-
-    def digest(model: str) -> str:
-        if (repo / model / "config.pbtxt").is_file():
-            return model_digest(repo, model)
-        return f"name:{model}"  # a server we cannot see into: identify the model by name
-
-    return make_plan(manifest, digest)
 
 
 @contextlib.contextmanager
@@ -149,14 +118,6 @@ def triton_endpoint(manifest: Manifest) -> Iterator[str | tuple[str, ...] | None
     else:
         raise errors[0]
     yield cfg.url
-
-
-def open_journal(manifest: Manifest, settings: CacheSettings) -> Journal:
-    """The pipeline's journal in the durable store (empty when it has none yet)."""
-    url = journal_dir(settings.durable_url, manifest.name)
-    journal = Journal.load(url, dict(settings.storage_options))
-    journal.pipeline = manifest.name
-    return journal
 
 
 def run_pipeline(
