@@ -171,12 +171,12 @@ class FakeTriton:
     def _unavailable(self) -> InferenceServerException:
         return InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
 
-    def get_model_config(self, model: str, client_timeout: float | None = None) -> Any:
+    def get_model_config(self, model: str, model_version: str = "", client_timeout: float | None = None) -> Any:
         if self.down:
             raise self._unavailable()
         return service_pb2.ModelConfigResponse(config=self.config)
 
-    def is_model_ready(self, model: str, client_timeout: float | None = None) -> bool:
+    def is_model_ready(self, model: str, model_version: str = "", client_timeout: float | None = None) -> bool:
         poll, self.polls = self.polls, self.polls + 1
         if self.down:
             raise self._unavailable()
@@ -301,11 +301,11 @@ def test_config_fetch_is_retried_too() -> None:
     class Flaky(FakeTriton):
         fetches = 0
 
-        def get_model_config(self, model: str, client_timeout: float | None = None) -> Any:
+        def get_model_config(self, model: str, model_version: str = "", client_timeout: float | None = None) -> Any:
             self.fetches += 1
             if self.fetches < 3:
                 raise InferenceServerException("starting", status="StatusCode.UNAVAILABLE")
-            return super().get_model_config(model, client_timeout)
+            return super().get_model_config(model, model_version, client_timeout)
 
     fake = Flaky()
     t = FakeTime()
