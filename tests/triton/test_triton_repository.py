@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2] / "triton_models"
 
 
 def test_list_models() -> None:
-    assert list_models(REPO) == ["mlp_classifier", "text_embedder"]
+    assert list_models(REPO) == ["minilm", "mlp_classifier", "text_embedder"]
 
 
 def test_list_models_skips_hidden_and_files(tmp_path: Path) -> None:

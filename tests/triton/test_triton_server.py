@@ -40,7 +40,7 @@ def _pid_alive(pid: int) -> bool:
 
 def test_every_model_is_ready(triton_server: TritonServer) -> None:
     assert triton_server.is_running()
-    assert triton_server.ready_models == list_models(REPO) == ["mlp_classifier", "text_embedder"]
+    assert triton_server.ready_models == list_models(REPO) == ["minilm", "mlp_classifier", "text_embedder"]
     host, port = triton_server.grpc_url.split(":")
     assert host == "127.0.0.1" and int(port) > 0
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
