@@ -82,7 +82,7 @@ def test_fused_stages_join_the_next_step_and_keep_its_keys(tmp_path: Path) -> No
 
 @pytest.mark.ray
 def test_a_fused_run_gives_the_same_output_in_fewer_steps(tmp_path: Path) -> None:
-    from tierflow.run import run_pipeline
+    from tierflow.driver import run_pipeline
 
     manifest = job(tmp_path, [add("a", 1, fuse=True), add("b", 2, fuse=True), TAG, add("c", 3)])
     report = run_pipeline(manifest, progress_out=None)

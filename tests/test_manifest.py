@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tierflow.errors import ManifestError
-from tierflow.manifest import PythonStage, TritonStage, load_manifest
+from tierflow.manifest import PythonStage, TritonStage, load_manifest, parse_manifest
 
 GOOD = """
 name: demo
@@ -99,3 +99,11 @@ def test_standby_needs_an_actor_stage(tmp_path: Path) -> None:
     assert probs == [("stages[0]", "standby keeps spare actors: it needs 'cls' ('fn' stages run as tasks)")]
     m = load_manifest(write(tmp_path, GOOD.replace("outputs: {Y: y}}", "outputs: {Y: y}, standby: 2}")))
     assert m.stages[1].standby == 2
+
+
+def test_concurrency_accepts_a_range() -> None:
+    base = {"name": "p", "source": {"format": "csv", "path": "x"}, "sink": {"path": "o"}}
+    m = parse_manifest({**base, "stages": [{"name": "a", "kind": "python", "cls": "m:C", "concurrency": [1, 4]}]})
+    assert m.stages[0].concurrency_range == (1, 4)
+    with pytest.raises(ManifestError, match="concurrency"):
+        parse_manifest({**base, "stages": [{"name": "a", "kind": "python", "fn": "m:f", "concurrency": [3, 2]}]})

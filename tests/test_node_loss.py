@@ -89,8 +89,9 @@ def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster: Any) -> None:
-    from tierflow.engine.journal import Journal
-    from tierflow.run import run_pipeline
+    from tierflow.cache.locations import lmdb_location, lmdb_nodes
+    from tierflow.engine.journal import BlockEntry, Journal
+    from tierflow.driver import run_pipeline
 
     c, workers = cluster
     ex = make_example(tmp_path / "ex", rows=ROWS)
@@ -127,10 +128,10 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     try:
         # Wait until enough of stage a's blocks are committed (b, held at the gate, consumes none).
         deadline = time.monotonic() + 180
-        held: dict[str, list[Any]] = {}
+        held: dict[int, BlockEntry] = {}
         while time.monotonic() < deadline and runner.is_alive():
             try:
-                held = Journal.load(journal).document()["stages"]["a"]["done"]
+                held = Journal.load(journal).stages["a"]["done"]
             except (FileNotFoundError, ValueError, KeyError):
                 held = {}
             if len(held) >= 12:
@@ -139,12 +140,12 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
         if "error" in result:
             raise result["error"]  # the run failed before the fault: show why
         assert len(held) >= 12, f"stage a never got ahead: {result}"
-        writers = Counter(entry[3][0].split(":", 1)[1] for entry in held.values())
+        writers = Counter(lmdb_nodes(entry.locations)[0] for entry in held.values())
         victim_id, _ = writers.most_common(1)[0]
-        on_victim = {int(b) for b, entry in held.items() if entry[3][0] == f"lmdb:{victim_id}"}
-        assert all(len(entry[3]) >= 2 for entry in held.values()), "every block should have 2 copies"
+        on_victim = {b for b, entry in held.items() if entry.locations[0] == lmdb_location(victim_id)}
+        assert all(len(entry.locations) >= 2 for entry in held.values()), "every block should have 2 copies"
         # b has consumed nothing, so the journal still holds every block a committed
-        done_before = {int(b) for b in Journal.load(journal).document()["stages"]["a"]["done"]}
+        done_before = set(Journal.load(journal).stages["a"]["done"])
         seen_before = len(Path(log).read_text().splitlines())
         victim = next(w for w in workers if w.node_id == victim_id)
         c.remove_node(victim)
@@ -175,7 +176,7 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
 
 
 def test_a_node_that_keeps_failing_a_stage_is_excluded_from_it(tmp_path: Path, cluster: Any) -> None:
-    from tierflow.run import run_pipeline
+    from tierflow.driver import run_pipeline
 
     _, workers = cluster
     bad = workers[0].node_id

@@ -18,9 +18,9 @@ import yaml
 
 from ray.util.placement_group import placement_group, remove_placement_group
 
-import tierflow.run
+import tierflow.driver
 from tierflow.manifest import load_manifest
-from tierflow.run import ray_session
+from tierflow.driver import ray_session
 
 
 @ray.remote(num_cpus=1)
@@ -59,6 +59,6 @@ def test_an_idle_task_worker_survives_a_busy_gap(manifest_path: Path, monkeypatc
     first, second = pids_across_a_busy_gap(manifest_path)
     assert first == second, "the embedded Ray replaced an idle task worker after 3 s"
 
-    monkeypatch.setattr(tierflow.run, "RAY_SYSTEM_CONFIG", {})  # Ray's default, as a control
+    monkeypatch.setattr(tierflow.driver, "RAY_SYSTEM_CONFIG", {})  # Ray's default, as a control
     first, second = pids_across_a_busy_gap(manifest_path)
     assert first != second, "Ray's default no longer stops idle workers: RAY_SYSTEM_CONFIG may be moot"

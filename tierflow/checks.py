@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tierflow.cache.settings import CacheSettings
 from tierflow.code import add_import_paths, load_object
 from tierflow.errors import ManifestError, ModelError, StoreError
 from tierflow.io.source import Source
@@ -68,19 +67,13 @@ def _fits(column: pa.DataType, spec: TensorSpec) -> bool:
 def check_manifest(manifest: Manifest, path: str) -> None:
     """Raise ManifestError listing every problem found; return quietly when there is none."""
     problems: list[tuple[str, str]] = []
-    for section, options in (("source", manifest.source.storage_options), ("sink", manifest.sink.storage_options),
-                             ("cache", manifest.cache.storage_options)):
-        try:  # the cache's own rule: credentials only as ${VAR}, never in the manifest text
-            CacheSettings(root=".", storage_options=options)
-        except ValueError as exc:
-            problems.append((f"{section}.storage_options", str(exc)))
     add_import_paths([manifest.base_dir])
     columns = _source_columns(manifest, problems)
     has_triton = any(isinstance(s, TritonStage) for s in manifest.stages)
-    if has_triton and not (manifest.triton.url or manifest.triton.launch):
-        problems.append(("triton", "the pipeline has Triton stages: set triton.url or triton.launch: true"))
+    if has_triton and not (manifest.triton.url or manifest.triton.launch or manifest.triton.deploy):
+        problems.append(("triton", "the pipeline has Triton stages: set triton.url, triton.launch: true or triton.deploy"))
     repo = Path(manifest.resolve(manifest.triton.repository))
-    if manifest.triton.launch and not repo.is_dir():
+    if (manifest.triton.launch or manifest.triton.deploy) and not repo.is_dir():
         problems.append(("triton.repository", f"model repository {repo} does not exist"))
 
     for i, stage in enumerate(manifest.stages):

@@ -63,7 +63,7 @@ def run(manifest: str, address: str | None, fresh: bool, quiet: bool) -> None:
 
     Re-running the same manifest resumes: committed blocks and sink parts are reused.
     """
-    from tierflow.run import run_pipeline
+    from tierflow.driver import run_pipeline
 
     with _exit_codes():
         report = run_pipeline(manifest, address=address, fresh=fresh, progress_out=None if quiet else sys.stdout)
@@ -79,23 +79,22 @@ def status(manifest: str) -> None:
 
     from tierflow.manifest import load_manifest
     from tierflow.workspace import cache_settings, open_journal, plan_manifest
-    from tierflow.status import pipeline_status
+    from tierflow.pipeline_status import pipeline_status
 
     with _exit_codes():
         m = load_manifest(manifest)
         st = pipeline_status(plan_manifest(m), open_journal(m, cache_settings(m)))
-    head = f"{st['pipeline']}: {st['state']}"
-    if st["running"]:
-        head += f" (run in progress: {st['holder']})"
+    head = f"{st.pipeline}: {st.state}"
+    if st.running:
+        head += f" (run in progress: {st.holder})"
     t = Table(title=head, title_justify="left")
     for col in ("stage", "done", "blocks held", "rows held", "copies"):
         t.add_column(col, justify="left" if col in ("stage", "copies") else "right")
-    for s in st["stages"]:
+    for s in st.stages:
         copies = ", ".join(f"{k} {v}" for k, v in sorted(s.locations.items())) or "-"
         t.add_row(s.name + (" (changed)" if s.stale else ""), f"{s.done}/{s.total}", str(s.held_blocks),
                   f"{s.held_rows:,}", copies)
-    sink = st["sink"]
-    t.add_row("sink", f"{sink['parts']}/{sink['total']}", "", f"{sink['rows']:,}", "parts")
+    t.add_row("sink", f"{st.sink_parts}/{st.blocks}", "", f"{st.sink_rows:,}", "parts")
     console = Console()
     if not console.is_terminal:
         console.width = 120

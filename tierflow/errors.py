@@ -14,7 +14,8 @@
     │   └── ModelError         model missing/not ready, bad tensor name/dtype/shape
     ├── StageError             user code failed; has .stage, .block, __cause__
     ├── SinkError              output exists (mode: error), or a part could not be committed
-    └── StoreError             the source's, sink's or journal's store failed  (retryable)
+    ├── StoreError             the source's, sink's or journal's store failed  (retryable)
+    └── PipelineBusy           another live driver holds the pipeline's lease (its journal)
 
 Errors from third-party libraries (tritonclient, fsspec, lmdb) are translated into this
 tree at the edges only (``tierflow.triton.client``, ``tierflow.cache.base.tier_errors``
@@ -24,6 +25,7 @@ for the cache tiers, ``tierflow.io.fs.fs_errors`` for the other stores), with
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -150,3 +152,41 @@ class StoreError(TierflowError):
         self.url = url
         self.reason = reason
         super().__init__(f"{role} store {url}: {reason}")
+
+
+class PipelineBusy(TierflowError):
+    """Another live driver holds the pipeline's lease; this one does not start.
+
+    Raised by ``Journal.acquire_lease``. The lease expires ``lease_s`` after its holder's
+    last renewal (at once when the holder ran on this host and its process is gone).
+    """
+
+
+_medium_failures: tuple[type[BaseException], ...] | None = None
+
+
+def medium_failures() -> tuple[type[BaseException], ...]:
+    """Third-party exception types that mean "the medium cannot be used right now": the
+    classification shared by the cache tiers (``tier_errors``) and the other stores
+    (``tierflow.io.fs.fs_errors``)."""
+    global _medium_failures
+    if _medium_failures is None:
+        found: list[type[BaseException]] = [OSError, TimeoutError, MemoryError]
+        with contextlib.suppress(ImportError):
+            import lmdb
+
+            found.append(lmdb.Error)
+        with contextlib.suppress(ImportError):
+            from fsspec.exceptions import FSTimeoutError
+
+            found.append(FSTimeoutError)
+        with contextlib.suppress(ImportError):
+            import botocore.exceptions
+
+            found += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
+        with contextlib.suppress(ImportError):
+            import aiohttp
+
+            found.append(aiohttp.ClientError)
+        _medium_failures = tuple(found)
+    return _medium_failures

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tierflow.cache.settings import check_storage_options
+from tierflow.credentials import check_storage_options
 from tierflow.errors import ManifestError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -179,6 +179,56 @@ class RayConfig(_Model):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray")
 
 
+class MetricsConfig(_Model):
+    port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus metrics on this port while the run lasts (0: any free one)"
+    )
+    host: str = Field("0.0.0.0", description="address the metrics endpoint listens on")
+
+
+class TritonDeploy(_Model):
+    """Triton servers that tierflow starts as Ray actors on the cluster's nodes
+    (``tierflow.triton.deploy``)."""
+
+    replicas: int | Literal["per_node"] = Field(
+        1, description="number of servers, or 'per_node': one on every node holding the resources"
+    )
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Ray resources each server holds, e.g. {triton_node: 1}; only nodes declaring them get one",
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per server (fractional allowed); Ray sets its CUDA_VISIBLE_DEVICES")
+    num_cpus: float = Field(1.0, ge=0, description="logical CPUs each server holds")
+    repository: str | None = Field(
+        None, description="model repository the servers load (same as triton.repository, which it sets)"
+    )
+    startup_timeout_s: float = Field(
+        180.0, gt=0, description="time for the servers to get their resources and load every model"
+    )
+    name: str | None = Field(
+        None, pattern=_NAME,
+        description="deployment name (default 'triton-<pipeline>'); a run reuses a deployment of this "
+        "name that 'tierflow triton deploy' left running",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replicas(cls, data: Any) -> Any:
+        # One message instead of pydantic's two (one per member of the union).
+        value = data.get("replicas", 1) if isinstance(data, dict) else 1
+        if value == "per_node" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return data
+        raise ValueError(f"replicas must be a positive integer or 'per_node', got {value!r}")
+
+    @model_validator(mode="after")
+    def _resources(self) -> TritonDeploy:
+        if self.replicas == "per_node" and not (self.resources or self.num_gpus):
+            raise ValueError("replicas: per_node needs 'resources' or 'num_gpus' to say which nodes")
+        if "GPU" in self.resources or "CPU" in self.resources:
+            raise ValueError("give GPUs and CPUs as num_gpus / num_cpus, not in 'resources'")
+        return self
+
+
 class TritonConfig(_Model):
     url: str | tuple[str, ...] | None = Field(
         None, description="gRPC host:port of a running Triton server, or several (balanced, with failover)"
@@ -190,11 +240,30 @@ class TritonConfig(_Model):
         description="how long a run waits for the server and its models to be ready "
         "(default: 180 s for a launched server, 30 s for 'url' servers)",
     )
+    deploy: TritonDeploy | None = Field(
+        None, description="start the servers as Ray actors on the cluster (instead of 'url'/'launch')"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_repository(cls, data: Any) -> Any:
+        # deploy.repository is an alias of triton.repository, so plan, checks and servers
+        # all read one value.
+        deploy = data.get("deploy") if isinstance(data, dict) else None
+        repo = deploy.get("repository") if isinstance(deploy, dict) else None
+        if repo is None:
+            return data
+        if data.get("repository", repo) != repo:
+            raise ValueError("give the model repository once: triton.repository or triton.deploy.repository")
+        return {**data, "repository": repo}
 
     @model_validator(mode="after")
     def _url_or_launch(self) -> TritonConfig:
-        if self.url and self.launch:
-            raise ValueError("give either 'url' (an existing server) or 'launch: true', not both")
+        given = [k for k, on in (("url", self.url), ("launch", self.launch), ("deploy", self.deploy)) if on]
+        if len(given) > 1:
+            raise ValueError(
+                f"give one of 'url' (existing servers), 'launch: true' or 'deploy', not {' and '.join(given)}"
+            )
         return self
 
 
@@ -218,6 +287,7 @@ class Manifest(_Model):
     ray: RayConfig = RayConfig()
     triton: TritonConfig = TritonConfig()
     cache: CacheConfig = CacheConfig()
+    metrics: MetricsConfig = MetricsConfig()
     base_dir: str = Field(".", exclude=True, description="set by load_manifest")
 
     @model_validator(mode="after")

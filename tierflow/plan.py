@@ -5,7 +5,8 @@ then, for this stage and every stage before it, the config that can change its o
 its code identity (stage source file, or the Triton model's files). Changing stage k gives
 stage k and every later stage new keys; earlier stages keep theirs and are reused.
 
-Block key: ``<pipeline>/<fingerprint[:16]>/<stage>/<block index, 6 digits>``.
+Block keys are built by :func:`tierflow.cache.keys.stage_keys`, the one place that spells
+their format (``<pipeline>/<fingerprint[:16]>/<stage>/<block index, 6 digits>``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tierflow.cache.keys import StageKeys, stage_keys
 from tierflow.code import add_import_paths, code_digest
 from tierflow.io.source import BlockSpec, Source, SourceFile
 from tierflow.manifest import Manifest, PythonStage, Stage, TritonStage
@@ -53,10 +55,15 @@ class Plan:
     files: tuple[SourceFile, ...]
     blocks: tuple[BlockSpec, ...]
     stages: tuple[StagePlan, ...]
+    _keys: tuple[StageKeys, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keys = tuple(stage_keys(self.manifest.name, s.fingerprint, s.name) for s in self.stages)
+        object.__setattr__(self, "_keys", keys)  # frozen: set once, here
 
     def key(self, stage: int, block: int) -> str:
-        s = self.stages[stage]
-        return f"{self.manifest.name}/{s.fingerprint[:16]}/{s.name}/{block:06d}"
+        """The cache key of step ``stage``'s output for ``block``."""
+        return self._keys[stage](block)
 
     @property
     def total_rows(self) -> int:

@@ -428,7 +428,7 @@ class Bench:
 
 
 def _resolved(options: dict[str, str]) -> dict[str, str]:
-    from tierflow.cache.settings import resolve_storage_options
+    from tierflow.credentials import resolve_storage_options
 
     return resolve_storage_options(options)
 

@@ -14,7 +14,7 @@ other users' jobs use fewer than C cores, default 0.5, over 3 s: the machine is 
 tierflow's embedded Ray would give this manifest), ``--cluster`` (also run both systems on
 a 2-node ``ray.cluster_utils.Cluster``, where ``replicas: 2`` has a second node to put
 its copy on), ``--ray-default-config`` (start Ray with its own default system config rather
-than the one tierflow gives its embedded Ray, ``tierflow.run.RAY_SYSTEM_CONFIG``; both systems
+than the one tierflow gives its embedded Ray, ``tierflow.driver.RAY_SYSTEM_CONFIG``; both systems
 share the Ray instance either way), ``--quick`` (100k rows, 1 round: a smoke run).
 
 The pipeline (the stage functions are in this file, importable as ``bench_pipeline``)::
@@ -31,7 +31,7 @@ The pipeline (the stage functions are in this file, importable as ``bench_pipeli
 
 Each system, each round:
 
-* tierflow: ``tierflow.run.run_pipeline(manifest, fresh=True, progress_out=None)`` on a
+* tierflow: ``tierflow.driver.run_pipeline(manifest, fresh=True, progress_out=None)`` on a
   manifest with ``triton.url`` set to the shared server. Start-up ends when the engine's
   backend has every stage actor constructed (``RayBackend.start`` returns; nothing is
   dispatched before): manifest checks, planning, journal lease, Triton readiness probe,
@@ -364,7 +364,7 @@ def _hook_tierflow_startup() -> None:
 
 
 def run_tierflow(manifest: Path, mark_file: Path) -> dict[str, Any]:
-    from tierflow.run import run_pipeline
+    from tierflow.driver import run_pipeline
 
     _hook_tierflow_startup()
     _MARK.pop("tierflow_ready", None)
@@ -652,7 +652,7 @@ def main() -> None:
     import ray
     import ray.data
 
-    from tierflow.run import RAY_SYSTEM_CONFIG
+    from tierflow.driver import RAY_SYSTEM_CONFIG
     from tierflow.triton.server import TritonServer
 
     _PlanCatcher.install()

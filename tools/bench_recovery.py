@@ -38,7 +38,7 @@ order of the systems every round):
    default; ``--fault remove``: none is, as the issue words it; ``--fault join``: a node is
    only added, a control for what a node's start-up costs on these shared cores).
 
-tierflow: ``tierflow.run.run_pipeline`` with ``replicas: 2`` (each intermediate block on
+tierflow: ``tierflow.driver.run_pipeline`` with ``replicas: 2`` (each intermediate block on
 two nodes), a ``file://`` durable store (the sink), the same Triton server by URL. Task
 stages ``concurrency: 2, num_cpus: 1``; actor stages and the Triton stage one actor of
 0.5 CPU; speculative copies of stragglers off (``speculate_after: null``; ``--speculate``

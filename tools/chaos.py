@@ -264,7 +264,7 @@ class LocalCluster:
         import ray
         from ray.cluster_utils import Cluster
 
-        from tierflow.run import RAY_SYSTEM_CONFIG  # the embedded Ray's settings, for both systems
+        from tierflow.driver import RAY_SYSTEM_CONFIG  # the embedded Ray's settings, for both systems
 
         self.cluster = Cluster(initialize_head=True,
                                head_node_args={"num_cpus": 0, "_system_config": {**FAST_HEALTH, **RAY_SYSTEM_CONFIG}})
@@ -611,7 +611,7 @@ class FailureLog:
 
 def run_once(manifest: Path) -> tuple[dict[str, Any] | None, BaseException | None, float]:
     from tierflow.cache.node_server import stop_cache_servers
-    from tierflow.run import run_pipeline
+    from tierflow.driver import run_pipeline
 
     t0 = time.monotonic()
     try:

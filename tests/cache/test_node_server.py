@@ -51,8 +51,7 @@ def test_cache_server_verifies_and_drops_bad_copies(tmp_path: Path) -> None:
     with pytest.raises(CorruptObject):
         server.put(KEY, bytes(damaged), pinned=False)
     server.tier.put(KEY, bytes(damaged))  # rot behind the server's back
-    assert server.get(KEY) is None and not server.contains(KEY)
-    assert server.stats()["corrupt_dropped"] == 1
+    assert server.get(KEY) is None and not server.tier.contains(KEY)  # dropped, not kept
     server.tier.close()
 
 
@@ -170,7 +169,7 @@ def test_durable_put_places_replicas_minus_one_copies_and_delete_reaches_peers(
     assert len(set(held)) == 2 and existed and not still
     peer = held[1].split(":", 1)[1]
     server = ray.get_actor(server_name(peer, settings), namespace=NAMESPACE)
-    assert ray.get(server.contains.remote(KEY)) is False
+    assert ray.get(server.get.remote(KEY)) is None
 
 
 @pytest.mark.ray
@@ -235,7 +234,7 @@ def test_a_dead_server_on_a_live_node_is_started_again(cluster: Any, tmp_path: P
     import ray
 
     from tierflow.cache.node_server import start_cache_servers, started_server
-    from tierflow.engine.backend import RayBackend
+    from tierflow.engine.nodes import NodeWatcher
 
     c, _ = cluster
     node = c.add_node(num_cpus=1).node_id  # the module's first nodes may be gone by now
@@ -244,19 +243,19 @@ def test_a_dead_server_on_a_live_node_is_started_again(cluster: Any, tmp_path: P
                              lmdb_map_size=1 << 30)
     start_cache_servers(settings)
     ray.get(started_server(node, settings).put.remote("demo/3f9a1c0e/clean/000001", codec.encode_table(table()), False))
-    be = RayBackend()
-    be._settings, be._nodes = settings, {node}
-    be._check_servers()  # probes sent
+    watcher = NodeWatcher(settings)
+    watcher.nodes = {node}
+    watcher.check_servers()  # probes sent
     dead = started_server(node, settings)
     ray.kill(dead, no_restart=True)  # as Ray's own crash of a server mid-call does
     deadline = time.monotonic() + 30
-    while node not in be._restart and time.monotonic() < deadline:  # each call reads answers, probes again
-        be._check_servers()
+    while node not in watcher.restart and time.monotonic() < deadline:  # each call reads answers, probes again
+        watcher.check_servers()
         time.sleep(0.2)
-    assert node in be._restart and started_server(node, settings) is None
-    assert node in be._nodes  # still known alive: were it lost now, lost_nodes() would report it
-    be._serve_joined()
-    assert node not in be._restart
+    assert node in watcher.restart and started_server(node, settings) is None
+    assert node in watcher.nodes  # still known alive: were it lost now, lost() would report it
+    watcher.serve_joined()
+    assert node not in watcher.restart and watcher.restarted == 1
     fresh = started_server(node, settings)
     assert fresh is not None and fresh is not dead
     assert ray.get(fresh.node.remote(), timeout=60) == node
@@ -265,19 +264,19 @@ def test_a_dead_server_on_a_live_node_is_started_again(cluster: Any, tmp_path: P
 
 @pytest.mark.ray
 def test_the_final_flush_skips_a_node_gone_since_the_node_table_was_read(
-    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: Any, tmp_path: Path
 ) -> None:
     import ray
 
-    from tierflow.engine.backend import RayBackend
+    from tierflow.engine.nodes import NodeWatcher, read_node_table
+    from tierflow.engine.ray_backend import RayBackend
 
     settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store", replicas=1,
                              lmdb_map_size=1 << 30)
     be = RayBackend()
     be._settings_ref = ray.put(settings)
-    alive = be._alive(fresh=True)
     gone = "ab" * 28  # a node removed at the very end of a run (the chaos smoke test met it)
-    monkeypatch.setattr(be, "_alive", lambda fresh=False: {**alive, gone: 1.0})
+    be._watcher = NodeWatcher(settings, read_table=lambda: {**read_node_table(), gone: {"CPU": 1.0}})
     assert be.flush("demo/") == 0  # the live nodes flushed; the lost one is not a failure
 
 
@@ -292,7 +291,7 @@ def test_each_run_replicates_into_its_own_cache_dir_and_stops_its_servers(cluste
 
     from tierflow.cache.node_server import stop_cache_servers
     from tierflow.cache.tiers.lmdb import LmdbTier
-    from tierflow.run import run_pipeline
+    from tierflow.driver import run_pipeline
 
     stop_cache_servers()  # the earlier tests' servers
 
@@ -321,4 +320,4 @@ def test_each_run_replicates_into_its_own_cache_dir_and_stops_its_servers(cluste
     run("one")
     run("two")
     assert keys("one", "two") == []  # nothing of the second run in the first run's environments
-    assert len(keys("two", "two")) == 2 * 4  # 4 blocks of stage s, each on its writer and a peer
+    assert len(keys("two", "two")) == 2 * 4, keys("two", "two")  # 4 blocks of stage s, each on its writer and a peer

@@ -353,10 +353,10 @@ def test_compressed_remote_copy_uncompressed_local_copy(tmp_path: Path) -> None:
 
 
 def test_bytes_delete_list_gc(cache: TieredCache) -> None:
-    cache.put_bytes("demo/_journal/000001", b"journal")
-    assert cache.get_bytes("demo/_journal/000001") == b"journal"
+    cache.put("demo/opaque/000001", codec.encode_bytes(b"notes"))  # a frame of either content
+    assert codec.decode_bytes(cache.get("demo/opaque/000001") or b"", "k") == b"notes"
     with pytest.raises(CorruptObject):
-        cache.get_table("demo/_journal/000001")
+        cache.get_table("demo/opaque/000001")
     for i in range(3):
         cache.put_table(f"demo/f/s/{i:06d}", table(10, seed=i))
         cache.put_table(f"other/f/s/{i:06d}", table(10, seed=i))

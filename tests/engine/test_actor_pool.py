@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from tierflow.engine.backend import RETIRE_AFTER, ActorPool
+from tierflow.engine.pool import RETIRE_AFTER, SPARE_REFILL_S, ActorPool
 
 pytestmark = pytest.mark.ray
 
@@ -33,6 +33,16 @@ def stopped(actor: object, timeout_s: float = 30.0) -> bool:
     return False
 
 
+class Clock:
+    """Time the pool sees, stepped by the test instead of slept."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture(scope="module")
 def local_ray():  # type: ignore[no-untyped-def]
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -41,7 +51,8 @@ def local_ray():  # type: ignore[no-untyped-def]
 
 
 def test_pool_scales_between_min_and_max(local_ray: None) -> None:
-    pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=3, idle_s=0.2)  # type: ignore[arg-type]
+    clock = Clock()
+    pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=3, idle_s=0.2, clock=clock)  # type: ignore[arg-type]
     assert len(pool.actors) == 1 and pool.idle == 3
     busy = [pool.acquire() for _ in range(3)]  # backlog: two more actors start at once
     assert len(pool.actors) == 3 and pool.started == 3 and pool.idle == 0
@@ -52,7 +63,10 @@ def test_pool_scales_between_min_and_max(local_ray: None) -> None:
     again = pool.acquire()
     assert again is busy[-1]  # reuse, most recently used first
     pool.release(again, node)
-    time.sleep(0.3)
+    clock.now += 0.1
+    pool.shrink()
+    assert len(pool.actors) == 3  # not idle for long enough yet
+    clock.now += 0.15
     pool.shrink()
     assert len(pool.actors) == 1  # back to min once idle
     gone = pool.actors[0]
@@ -113,7 +127,9 @@ def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> No
         asked.append(set(avoid))  # type: ignore[call-overload]
         return ""  # anywhere
 
-    pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=1, standby=1, place=place)  # type: ignore[arg-type]
+    clock = Clock()
+    pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=1, standby=1, place=place,  # type: ignore[arg-type]
+                     clock=clock)
     pool.wait_ready(30)
     node = ray.get_runtime_context().get_node_id()
     assert asked == [{node}]  # the spare is asked to stay off the working actor's node
@@ -126,7 +142,10 @@ def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> No
     assert pool.actors == [spare] and pool.took_over == 1  # constructed already: no wait
     pool.refill()
     assert len(asked) == 1  # no new spare in the middle of a recovery...
-    pool._refill_at = 0.0  # ... only SPARE_REFILL_S later
+    clock.now += SPARE_REFILL_S - 0.5
+    pool.refill()
+    assert len(asked) == 1  # ... only SPARE_REFILL_S later
+    clock.now += 0.5
     pool.refill()
     assert len(asked) == 2 and pool.started == 3
     assert ray.get(pool.acquire().ready.remote()) == node
@@ -155,11 +174,13 @@ def test_an_actor_that_cannot_start_mid_run_fails_the_run_naming_the_stage(local
         made.append(Echo.options(num_cpus=64 if made else 0).remote())
         return made[-1]
 
-    pool = ActorPool(stage, factory, min_size=1, max_size=2)  # type: ignore[arg-type]
+    clock = Clock()
+    pool = ActorPool(stage, factory, min_size=1, max_size=2, clock=clock)  # type: ignore[arg-type]
     pool.wait_ready(30)
     working = pool.acquire()
     pool.acquire()  # grows: this one waits for CPUs that never come
-    time.sleep(0.6)
+    pool.check_starting(timeout_s=0.5)  # not late yet
+    clock.now += 0.6
     pool.check_starting(timeout_s=0.5)  # late, but the stage still has a working actor: no failure
     pool.replace(working)  # its only working actor is gone: nothing can run the stage now
     with pytest.raises(TierflowError, match=r"stage 'embed': 1 actor\(s\) needing 64 CPU each could not start"):
@@ -232,59 +253,34 @@ def test_a_spare_is_warmed_on_one_row_before_it_takes_over(local_ray: None, tmp_
     pool.shutdown()
 
 
-def test_concurrency_accepts_a_range() -> None:
-    from tierflow.errors import ManifestError
-    from tierflow.manifest import parse_manifest
+def test_spares_leave_one_node_a_free_task_slot() -> None:
+    from tierflow.engine.placement import SlotMove, free_cpus, keep_task_slot, place
 
-    base = {"name": "p", "source": {"format": "csv", "path": "x"}, "sink": {"path": "o"}}
-    m = parse_manifest({**base, "stages": [{"name": "a", "kind": "python", "cls": "m:C", "concurrency": [1, 4]}]})
-    assert m.stages[0].concurrency_range == (1, 4)
-    with pytest.raises(ManifestError, match="concurrency"):
-        parse_manifest({**base, "stages": [{"name": "a", "kind": "python", "fn": "m:f", "concurrency": [3, 2]}]})
+    alive = {"A": 2.0, "B": 2.0}
+    a, b = ["A", "A", "A"], ["B"]  # the nodes of two pools' actors, 0.5 CPU each
 
+    def free() -> dict[str, float]:
+        return free_cpus(alive, [(n, 0.5) for n in [*a, *b]])
 
-class PlacedPool:
-    """An actor pool as the backend's spare placement sees it: where its actors are."""
-
-    cpus = 0.5
-    standby = 1
-
-    def __init__(self, nodes: list[str]) -> None:
-        self.nodes = nodes
-        self.spares: list[tuple[str, str]] = []
-        self.dropped: list[str] = []
-
-    def placements(self) -> list[tuple[str, float]]:
-        return [(n, self.cpus) for n in [*self.nodes, *(node for _, node in self.spares)]]
-
-    def built_spares(self) -> list[tuple[str, str]]:
-        return list(self.spares)
-
-    def drop_spare(self, spare: str) -> None:
-        self.spares = [s for s in self.spares if s[0] != spare]
-        self.dropped.append(spare)
-
-
-def test_spares_leave_one_node_a_free_task_slot(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tierflow.engine import backend
-
-    nodes = [{"NodeID": n, "Alive": True, "Resources": {"CPU": 2.0}} for n in ("A", "B")]
-    monkeypatch.setattr(backend.ray, "nodes", lambda: nodes)
-    be = backend.RayBackend()
-    be._task_cpus = 1.0  # a sink task
-    a, b = PlacedPool(["A", "A", "A"]), PlacedPool(["B"])
-    be._pools = {0: a, 1: b}  # type: ignore[dict-item]
-    assert be._place(0, 0.5, avoid={"B"}) == "A"  # off the working node, B keeps 1.5 free
-    b.nodes.append("B")
-    assert be._place(0, 0.5, avoid=set()) == "A"  # the fullest node that fits: B keeps 1.0
-    a.nodes.append("A")
+    assert free() == {"A": 0.5, "B": 1.5}
+    assert place(free(), 0.5, avoid={"B"}, task_cpus=1.0) == "A"  # off the working node, B keeps 1.5 free
+    b.append("B")
+    assert place(free(), 0.5, avoid=set(), task_cpus=1.0) == "A"  # the fullest node that fits: B keeps 1.0
+    a.append("A")
     # 1.0 free on B alone: a spare there would leave two half slots and no task slot
-    assert be._place(0, 0.5, avoid=set()) is None
-    assert be._place(0, 0.5, avoid=None) == "B"  # a successor starts anyway: on the fullest node that fits
-    be._excluded[0] = {"A"}
-    assert be._place(0, 0.0, avoid=set()) == "B"  # never on a node excluded from the stage
-    b.spares = [("spare", "B")]  # e.g. the node that had room was lost: the survivors are full
-    be._keep_task_slot()
-    assert b.dropped == ["spare"] and not a.dropped
-    be._keep_task_slot()
-    assert b.dropped == ["spare"]  # a slot is free again: nothing more stopped
+    assert place(free(), 0.5, avoid=set(), task_cpus=1.0) is None
+    assert place(free(), 0.5, avoid=None, task_cpus=1.0) == "B"  # a successor starts anyway, on the fullest that fits
+    assert place(free(), 0.0, avoid=set(), task_cpus=1.0, excluded={"A"}) == "B"  # never on an excluded node
+    assert place({"A": 0.25}, 0.5, avoid=None, task_cpus=1.0) == ""  # nowhere fits: Ray's choice
+    assert free_cpus(alive, [("", 1.0), ("gone", 0.5)]) == {"A": 0.5, "B": 2.0}  # unknown: the freest node pays
+
+    # e.g. the node that had room was lost: the survivors are full, a spare sits on B
+    full = free_cpus(alive, [(n, 0.5) for n in [*a, *b, "B"]])
+    pools = {0: (0.5, [], []), 1: (0.5, [("spare", "B")], [])}
+    assert keep_task_slot(full, 1.0, pools) == [SlotMove(1, "spare", drop_spare=True)]
+    assert keep_task_slot(free(), 1.0, pools) == []  # a slot is free: nothing stopped
+    # no spare left: an idle working actor moves off a node it would free, one at a time
+    half = {"A": 0.5, "B": 0.5}
+    idle = {0: (0.5, [], [("x", "A"), ("y", "B")])}
+    assert keep_task_slot(half, 1.0, idle) == [SlotMove(0, "x", drop_spare=False)]
+    assert keep_task_slot({"A": 0.5}, 1.0, {0: (0.5, [], [("x", "A")])}) == []  # nowhere for its successor

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from s3_endpoint import S3Endpoint
 
-from tierflow.errors import StoreError
-from tierflow.engine.journal import Journal, PipelineBusy
+from tierflow.engine.journal import BlockEntry, Journal
+from tierflow.errors import PipelineBusy, StoreError
 from tierflow.io.fs import filesystem
 from tierflow.io.sink import PartMeta
 
@@ -28,12 +28,28 @@ def test_round_trip_and_fingerprint_change_forgets_the_stage(tmp_path: Path) -> 
     j.record_part(2, PartMeta("part-000002.parquet", 10, 500, "ab"))
     j.finish("failed")
     back = fresh(tmp_path)
-    assert back.state == "failed" and back.committed("a", "fa") == {0: [10, 100, "xxh3-128:00", ["lmdb:n1", "remote"]]}
+    assert back.state == "failed" and back.committed("a", "fa") == {0: BlockEntry(10, 100, "xxh3-128:00", ("lmdb:n1", "remote"))}
     assert back.parts[2] == PartMeta("part-000002.parquet", 10, 500, "ab")
     back.begin("p", 3, {"a": "fa", "b": "fb-changed"}, "fs")
     assert back.committed("a", "fa") and back.committed("b", "fb-changed") == {}
     back.begin("p", 3, {"a": "fa", "b": "fb-changed"}, "fs-changed")
     assert back.parts == {}  # parts of another final output are not ours
+
+
+def test_block_entries_are_typed_in_memory_and_rows_on_disk(tmp_path: Path) -> None:
+    j = fresh(tmp_path)
+    j.begin("p", 1, {"a": "fa"}, "fs")
+    j.record_block("a", 0, 10, 100, "xxh3-128:00", ("lmdb:n1",))
+    j.add_locations("a", 0, ("lmdb:n2",))
+    assert j.flush(force=True)
+    delta = json.loads((tmp_path / "j" / "delta-000000000001.json").read_text())
+    assert delta["ops"] == [["done", "a", 0, [10, 100, "xxh3-128:00", ["lmdb:n1", "lmdb:n2"]]]]
+    j.finish("succeeded")
+    snapshot = json.loads((tmp_path / "j" / "journal.json").read_text())
+    assert snapshot["stages"]["a"]["done"] == {"0": [10, 100, "xxh3-128:00", ["lmdb:n1", "lmdb:n2"]]}
+    entry = fresh(tmp_path).committed("a", "fa")[0]
+    assert (entry.rows, entry.nbytes, entry.checksum, entry.locations) == (10, 100, "xxh3-128:00", ("lmdb:n1", "lmdb:n2"))
+    assert BlockEntry.from_row(entry.row()) == entry
 
 
 def test_flush_is_rate_limited_and_atomic(tmp_path: Path) -> None:
@@ -124,8 +140,8 @@ def test_round_trip_through_deltas(tmp_path: Path) -> None:
     assert len(deltas(tmp_path / "j")) == 3
     back = Journal.load(str(tmp_path / "j"))
     assert back.seq == j.seq and state(back) == state(j)
-    assert back.committed("a", "fa") == {5000: [10, 100, "c0", ["lmdb:n1", "remote"]]}
-    assert back.committed("b", "fb") == {5000: [11, 101, "c3", []]}
+    assert back.committed("a", "fa") == {5000: BlockEntry(10, 100, "c0", ("lmdb:n1", "remote"))}
+    assert back.committed("b", "fb") == {5000: BlockEntry(11, 101, "c3", ())}
     assert back.rejected("a", "fa") == {5001: 3}
     assert back.parts[1999] == PartMeta("part-001999.parquet", 1, 2, "ff") and len(back.parts) == 2001
     assert back.state == "running"
@@ -206,7 +222,7 @@ def test_a_torn_last_delta_ends_the_log(tmp_path: Path) -> None:
     last = deltas(tmp_path / "j")[-1]
     last.write_bytes(last.read_bytes()[:25])  # a torn write
     back = Journal.load(str(tmp_path / "j"))
-    assert back.committed("a", "fa") == {1: [1, 1, "c1", []]} and back.seq == j.seq - 1
+    assert back.committed("a", "fa") == {1: BlockEntry(1, 1, "c1", ())} and back.seq == j.seq - 1
     # The next writer's first write is a snapshot past the torn delta, which it deletes:
     # its own deltas never sit next to the torn one.
     back.begin("p", 1, {"a": "fa", "b": "fb"}, "fs")
@@ -235,11 +251,11 @@ def test_a_version_1_journal_loads(tmp_path: Path) -> None:
           "parts": {"2": ["part-000002.parquet", 10, 500, "ab"]}}
     (d / "journal.json").write_text(json.dumps(v1))
     j = fresh(tmp_path)
-    assert j.seq == 0 and j.state == "running" and j.committed("a", "fa") == {0: [10, 100, "c", ["remote"]]}
+    assert j.seq == 0 and j.state == "running" and j.committed("a", "fa") == {0: BlockEntry(10, 100, "c", ("remote",))}
     assert j.rejected("a", "fa") == {1: 2} and j.parts == {2: PartMeta("part-000002.parquet", 10, 500, "ab")}
     j.begin("p", 3, {"a": "fa"}, "fs")
     assert json.loads((d / "journal.json").read_text())["version"] == 2
-    assert fresh(tmp_path).committed("a", "fa") == {0: [10, 100, "c", ["remote"]]}
+    assert fresh(tmp_path).committed("a", "fa") == {0: BlockEntry(10, 100, "c", ("remote",))}
 
 
 def test_a_failed_periodic_flush_keeps_its_changes(tmp_path: Path) -> None:
@@ -261,7 +277,7 @@ def test_a_failed_periodic_flush_keeps_its_changes(tmp_path: Path) -> None:
     assert periodic(j) is True and j.unreachable == ""
     assert j.seq == seq + 1  # the changes kept, written once as the next delta
     back = Journal.load(str(d))
-    assert back.committed("a", "fa") == {2: [1, 1, "c2", []]} and state(back) == state(j)
+    assert back.committed("a", "fa") == {2: BlockEntry(1, 1, "c2", ())} and state(back) == state(j)
 
 
 def test_a_fresh_journal_replaces_the_stored_log(tmp_path: Path) -> None:
@@ -275,7 +291,7 @@ def test_a_fresh_journal_replaces_the_stored_log(tmp_path: Path) -> None:
     new.record_block("a", 9, 1, 1, "c", ())
     assert new.flush(force=True)
     back = Journal.load(str(tmp_path / "j"))
-    assert back.committed("a", "fa") == {9: [1, 1, "c", []]} and back.parts == {}
+    assert back.committed("a", "fa") == {9: BlockEntry(1, 1, "c", ())} and back.parts == {}
 
 
 def test_round_trip_on_an_object_store(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The one interface every cache level implements, its statistics, and its error edge.
+"""The one interface every cache level implements (and what peer nodes offer), its
+statistics, and its error edge.
 
 A tier is a dumb, bytes-in/bytes-out store of *frames* (see :mod:`tierflow.cache.codec`)
 keyed by validated block keys. Misses are ``None``, never an error. A tier that reads
@@ -10,15 +11,15 @@ into one of those two in exactly one place, :func:`tier_errors`.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from tierflow.errors import CacheError, TierUnavailable
+from tierflow.credentials import scrub
+from tierflow.errors import CacheError, TierUnavailable, medium_failures
 
-__all__ = ["Counters", "Tier", "TierBase", "TierStats", "scrub", "tier_errors", "unavailable_error"]
+__all__ = ["Counters", "Peers", "Tier", "TierStats", "tier_errors", "unavailable_error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,61 +139,37 @@ class Tier(Protocol):
         ...
 
 
-class TierBase:
-    """Batch helpers built from the single-key primitives, as fsspec does.
+class Peers(Protocol):
+    """Copies on other nodes: what :class:`~tierflow.cache.tiered.TieredCache` asks of them.
 
-    Tiers that can batch (one LMDB transaction, concurrent remote requests) override them.
+    Implemented with Ray actors by :class:`~tierflow.cache.node_server.RayPeers`. Defined
+    here, next to :class:`Tier`, so that ``node_server`` needs nothing from ``tiered``.
+
+    Implementations raise :class:`~tierflow.errors.TierUnavailable` only when no peer
+    could be asked at all; a single unreachable peer is skipped.
     """
 
-    def get_many(self: Tier, keys: Iterable[str]) -> dict[str, bytes | None]:
-        """``{key: get(key)}`` for every key."""
-        return {key: self.get(key) for key in keys}
+    def replicate(
+        self, key: str, frame: bytes, count: int, *, pinned: bool, skip: Collection[str] = ()
+    ) -> list[str]:
+        """Write ``frame`` to ``count`` other nodes' LMDB (pinned: not evictable until
+        durable), never to the nodes in ``skip``; return the location names written (may
+        be fewer than ``count``)."""
+        ...
 
-    def put_many(self: Tier, items: Mapping[str, bytes]) -> None:
-        """``put`` every item."""
-        for key, value in items.items():
-            self.put(key, value)
+    def fetch(self, key: str, hints: Sequence[str] = ()) -> tuple[bytes, str] | None:
+        """Read a verified frame from another node, trying the ``lmdb:<node>`` locations in
+        ``hints`` first: ``(frame, location)`` or ``None``."""
+        ...
 
-
-def scrub(text: str, secrets: Sequence[str]) -> str:
-    """Replace every secret (of 4+ characters) in ``text`` with ``***``."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
-_unavailable_types: tuple[type[BaseException], ...] | None = None
-
-
-def _unavailable_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the medium cannot be used right now"."""
-    global _unavailable_types
-    if _unavailable_types is None:
-        found: list[type[BaseException]] = [OSError, TimeoutError, MemoryError]
-        with contextlib.suppress(ImportError):
-            import lmdb
-
-            found.append(lmdb.Error)
-        with contextlib.suppress(ImportError):
-            from fsspec.exceptions import FSTimeoutError
-
-            found.append(FSTimeoutError)
-        with contextlib.suppress(ImportError):
-            import botocore.exceptions
-
-            found += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
-        with contextlib.suppress(ImportError):
-            import aiohttp
-
-            found.append(aiohttp.ClientError)
-        _unavailable_types = tuple(found)
-    return _unavailable_types
+    def delete(self, key: str) -> int:
+        """Delete ``key`` from every other node; return how many held it."""
+        ...
 
 
 def unavailable_error(tier: str, exc: BaseException, secrets: Sequence[str] = ()) -> TierUnavailable | None:
     """The :class:`TierUnavailable` that ``exc`` means, or ``None`` if it is not a medium failure."""
-    if isinstance(exc, CacheError) or not isinstance(exc, _unavailable_errors()):
+    if isinstance(exc, CacheError) or not isinstance(exc, medium_failures()):
         return None
     return TierUnavailable(tier, scrub(f"{type(exc).__name__}: {exc}", secrets))
 

@@ -290,7 +290,7 @@ def decode_table_unchecked(data: bytes | memoryview, key: str) -> pa.Table:
 
 
 def encode_bytes(payload: bytes | memoryview, compression_level: int | None = None) -> bytes:
-    """Frame opaque bytes (a journal, a manifest)."""
+    """Frame opaque bytes (content 1 in ``storage/FORMAT.md``; the tiers carry either kind)."""
     return frame(payload, content=Content.BYTES, compression_level=compression_level)
 
 

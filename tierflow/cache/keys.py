@@ -1,13 +1,16 @@
 """Block keys: how a block is named in every tier, and what a valid name is.
 
 A block key is a ``/``-separated string. Blocks produced by a stage use exactly four
-segments, ``<pipeline>/<fingerprint>/<stage>/<block index>``, the index written with at
-least six digits so that keys sort in block order::
+segments, ``<pipeline>/<fingerprint>/<stage>/<block index>``: the stage fingerprint cut to
+its first :data:`FINGERPRINT_CHARS` characters, the index written with at least six digits
+so that keys sort in block order::
 
     demo/3f9a1c0e/clean/000042
 
-Other cache entries (a pipeline's journal, for instance) may use one to eight segments
-under the same rules. The rules are deliberately narrow, because the same string becomes
+This module is the only place that spells that format: the engine's plan builds its keys
+with :func:`stage_keys` (validated once per stage, then one string format per block).
+
+Other cache entries may use one to eight segments under the same rules. The rules are deliberately narrow, because the same string becomes
 an LMDB key, a path under a local directory and an object name in a bucket:
 
 * each segment matches ``[A-Za-z0-9._-]+`` and does not start with ``.`` (so no ``.``,
@@ -25,6 +28,8 @@ Traceback (most recent call last):
 tierflow.errors.InvalidKey: invalid cache key 'demo/../etc/passwd': segment '..' starts with '.'
 >>> parse_block_key("demo/3f9a1c0e/clean/000042")
 BlockKey(pipeline='demo', fingerprint='3f9a1c0e', stage='clean', index=42)
+>>> stage_keys("demo", "3f9a1c0e5d7b2a41" + "0" * 48, "clean")(42)
+'demo/3f9a1c0e5d7b2a41/clean/000042'
 """
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ from dataclasses import dataclass
 from tierflow.errors import InvalidKey
 
 __all__ = [
+    "FINGERPRINT_CHARS",
     "MAX_KEY_LEN",
     "MAX_SEGMENTS",
     "MAX_SEGMENT_LEN",
     "BlockKey",
+    "StageKeys",
     "block_key",
     "key_prefix",
     "parse_block_key",
+    "stage_keys",
     "validate_key",
 ]
 
@@ -54,6 +62,10 @@ MAX_SEGMENT_LEN = 128
 
 MAX_SEGMENTS = 8
 """Most segments in one key. Block keys have exactly four."""
+
+FINGERPRINT_CHARS = 16
+"""How much of a stage fingerprint a block key holds: 64 bits of a sha256 hex digest, which
+no two versions of one pipeline's stage share in practice, and keeps keys short."""
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -136,20 +148,50 @@ class BlockKey:
         return block_key(self.pipeline, self.fingerprint, self.stage, self.index)
 
 
+@dataclass(frozen=True, slots=True)
+class StageKeys:
+    """The keys of one stage's blocks: ``StageKeys(...)(index)`` is block ``index``'s key.
+
+    Built by :func:`stage_keys`, which checks the stage's part of the key once; a call only
+    appends the index. (The driver builds a key per dispatch: validating every one would
+    cost ~3.6 us each, a third of the driver's whole per-dispatch budget.)
+    """
+
+    prefix: str
+    """``<pipeline>/<fingerprint>/<stage>/``, already validated."""
+
+    def __call__(self, index: int) -> str:
+        if index < 0:  # only the sign: a non-int fails the format (this is the hot path)
+            raise InvalidKey(f"invalid block index {index!r}: must be an int >= 0")
+        return f"{self.prefix}{index:06d}"
+
+
+def stage_keys(pipeline: str, fingerprint: str, stage: str) -> StageKeys:
+    """The key builder of ``stage``'s blocks (``fingerprint`` is cut to
+    :data:`FINGERPRINT_CHARS` characters).
+
+    Raises:
+        InvalidKey: A part is not a valid segment.
+    """
+    fingerprint = fingerprint[:FINGERPRINT_CHARS] if isinstance(fingerprint, str) else fingerprint
+    prefix = f"{pipeline}/{fingerprint}/{stage}/"
+    for part in (pipeline, fingerprint, stage):
+        if not isinstance(part, str):
+            raise InvalidKey(f"invalid block key part {part!r}: not a string")
+        _check_segment(prefix, part)
+    validate_key(prefix + "0" * 6)  # the whole key's length and segment count
+    return StageKeys(prefix)
+
+
 def block_key(pipeline: str, fingerprint: str, stage: str, index: int) -> str:
-    """Build the key of block ``index`` of ``stage``.
+    """Build the key of block ``index`` of ``stage`` (see :func:`stage_keys`).
 
     Raises:
         InvalidKey: A part is not a valid segment or ``index`` is negative.
     """
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+    if isinstance(index, bool) or not isinstance(index, int):
         raise InvalidKey(f"invalid block index {index!r}: must be an int >= 0")
-    key = f"{pipeline}/{fingerprint}/{stage}/{index:06d}"
-    for part in (pipeline, fingerprint, stage):
-        if not isinstance(part, str):
-            raise InvalidKey(f"invalid block key part {part!r}: not a string")
-        _check_segment(key, part)
-    return validate_key(key)
+    return validate_key(stage_keys(pipeline, fingerprint, stage)(index))
 
 
 def parse_block_key(key: str) -> BlockKey:

@@ -39,8 +39,8 @@ import xxhash
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tierflow.cache import codec
+from tierflow.cache.locations import lmdb_location, lmdb_nodes
 from tierflow.cache.settings import CacheSettings
-from tierflow.cache.tiered import lmdb_location, lmdb_nodes
 from tierflow.cache.tiers.lmdb import LmdbTier
 from tierflow.errors import CorruptObject, TierUnavailable
 
@@ -99,7 +99,6 @@ class CacheServer:
             map_size=settings.lmdb_map_size,
             sync=False,  # a peer copy is never the only one: the writer keeps its own
         )
-        self.corrupt_dropped = 0
 
     def node(self) -> str:
         """This server's node id (also a readiness probe)."""
@@ -121,27 +120,12 @@ class CacheServer:
         try:
             return self.tier.get(key)
         except CorruptObject:
-            self.corrupt_dropped += 1
             self.tier.delete(key)
             return None
-
-    def contains(self, key: str) -> bool:
-        """Whether this node holds ``key``."""
-        return self.tier.contains(key)
 
     def delete(self, key: str) -> bool:
         """Drop this node's copy of ``key``."""
         return self.tier.delete(key)
-
-    def mark_durable(self, key: str) -> bool:
-        """Unpin this node's copy of ``key``."""
-        return self.tier.mark_durable(key)
-
-    def stats(self) -> dict[str, Any]:
-        """This node's LMDB statistics."""
-        out = self.tier.stats().as_dict()
-        out["corrupt_dropped"] = self.corrupt_dropped
-        return out
 
 
 def start_cache_servers(
@@ -211,7 +195,7 @@ def forget_server(node_id: str, settings: CacheSettings) -> None:
 
 
 class RayPeers:
-    """:class:`~tierflow.cache.tiered.Peers` over the cluster's cache servers.
+    """:class:`~tierflow.cache.base.Peers` over the cluster's cache servers.
 
     Args:
         settings: Cache settings (``replicas`` and ``remote_timeout_s`` are used).

@@ -2,8 +2,8 @@
 
 Credentials never live here in clear: a ``storage_options`` value may be written as
 ``${VAR}`` (or contain ``${VAR}``), and the reference is resolved from the environment of
-the process that builds the fsspec filesystem, at that moment, by
-:func:`resolve_storage_options`. The settings object itself, its ``repr`` and its pickle
+the process that builds the fsspec filesystem, at that moment (by
+:mod:`tierflow.credentials`). The settings object itself, its ``repr`` and its pickle
 only ever hold the ``${VAR}`` text.
 
 >>> s = CacheSettings(root="/tmp/tf", remote_url="s3://bucket/cache",
@@ -19,32 +19,15 @@ ValueError: storage_options['secret'] looks like a credential: write it as ${VAR
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CacheSettings", "FrozenOptions", "check_storage_options", "resolve_storage_options", "secret_values"]
+from tierflow.credentials import check_storage_options
+
+__all__ = ["CacheSettings", "FrozenOptions"]
 
 GiB = 1 << 30
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_CREDENTIAL_NAME = re.compile(
-    r"(^key$|secret|password|passwd|token|credential|access_key|private)", re.IGNORECASE
-)
-
-
-def check_storage_options(options: Mapping[str, Any]) -> None:
-    """Raise ValueError (naming the option, never its value) for a credential in clear."""
-    for name, value in options.items():
-        if not isinstance(name, str):
-            raise ValueError(f"storage_options key {name!r} is not a string")
-        if _CREDENTIAL_NAME.search(name) and not (isinstance(value, str) and _VAR.fullmatch(value)):
-            raise ValueError(
-                f"storage_options[{name!r}] looks like a credential: write it as ${{VAR}} "
-                "and set VAR in the environment"
-            )
-
 
 def _freeze(value: Any) -> Any:
     if isinstance(value, Mapping) and not isinstance(value, FrozenOptions):
@@ -161,62 +144,7 @@ class CacheSettings:
             return self.remote_url
         return "file://" + os.path.join(os.path.abspath(self.root), "store")
 
-    @property
-    def lmdb_path(self) -> str:
-        """Directory of the node's LMDB environment (``root`` without ``{node}``)."""
-        return self.lmdb_path_for("")
-
     def lmdb_path_for(self, node_id: str) -> str:
         """Directory of node ``node_id``'s LMDB environment."""
         root = self.root.replace("{node}", node_id)
         return os.path.join(os.path.abspath(root), "lmdb")
-
-
-def _resolve(value: Any, environ: Mapping[str, str], name: str) -> Any:
-    if isinstance(value, str):
-
-        def lookup(match: re.Match[str]) -> str:
-            var = match.group(1)
-            if var not in environ:
-                raise KeyError(f"storage_options[{name!r}] refers to ${{{var}}}, which is not set")
-            return environ[var]
-
-        return _VAR.sub(lookup, value)
-    if isinstance(value, Mapping):
-        return {k: _resolve(v, environ, f"{name}.{k}") for k, v in value.items()}
-    return value
-
-
-def resolve_storage_options(
-    options: Mapping[str, Any], environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Return ``options`` with every ``${VAR}`` replaced from ``environ``.
-
-    Call it only where the filesystem is built; never store or log the result.
-
-    Args:
-        options: ``CacheSettings.storage_options``.
-        environ: Variables to resolve from (default ``os.environ``).
-
-    Raises:
-        KeyError: A referenced variable is not set (the message names the variable only).
-    """
-    env = os.environ if environ is None else environ
-    return {name: _resolve(value, env, name) for name, value in options.items()}
-
-
-def secret_values(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> list[str]:
-    """The resolved values of every ``${VAR}`` in ``options``: strings to scrub from messages."""
-    env = os.environ if environ is None else environ
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str):
-            found.extend(env[v] for v in _VAR.findall(value) if env.get(v))
-        elif isinstance(value, Mapping):
-            for inner in value.values():
-                walk(inner)
-
-    for value in options.values():
-        walk(value)
-    return found

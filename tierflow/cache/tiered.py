@@ -29,15 +29,16 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 
 from tierflow.cache import codec
-from tierflow.cache.base import Tier, TierStats
+from tierflow.cache.base import Peers, Tier, TierStats
 from tierflow.cache.keys import validate_key
+from tierflow.cache.locations import REMOTE, lmdb_location, lmdb_nodes, memory_location
 from tierflow.cache.settings import CacheSettings
 from tierflow.cache.tiers.lmdb import LmdbTier
 from tierflow.cache.tiers.memory import MemoryTier
@@ -45,28 +46,12 @@ from tierflow.cache.tiers.remote import RemoteTier
 from tierflow.errors import CorruptObject, ReplicaLost, TierUnavailable
 
 __all__ = [
-    "REMOTE",
     "BlockMeta",
     "CacheStats",
-    "Peers",
     "TieredCache",
     "VerifyReport",
     "get_cache",
 ]
-
-REMOTE = "remote"
-"""Location name of the durable copy."""
-
-
-def lmdb_location(node_id: str) -> str:
-    """Location name of a copy in node ``node_id``'s LMDB (``storage/FORMAT.md`` section 5)."""
-    return f"lmdb:{node_id}"
-
-
-def lmdb_nodes(locations: Iterable[str]) -> list[str]:
-    """The nodes whose LMDB holds a copy, in the order of ``locations``."""
-    return [loc.split(":", 1)[1] for loc in locations if loc.startswith("lmdb:")]
-
 
 @dataclass(frozen=True, slots=True)
 class BlockMeta:
@@ -127,31 +112,6 @@ class VerifyReport:
         return not self.lost and len(self.repaired) == len(self.corrupt)
 
 
-class Peers(Protocol):
-    """Copies on other nodes (implemented with Ray actors in ``node_server``).
-
-    Implementations raise :class:`~tierflow.errors.TierUnavailable` only when no peer
-    could be asked at all; a single unreachable peer is skipped.
-    """
-
-    def replicate(
-        self, key: str, frame: bytes, count: int, *, pinned: bool, skip: Collection[str] = ()
-    ) -> list[str]:
-        """Write ``frame`` to ``count`` other nodes' LMDB (pinned: not evictable until
-        durable), never to the nodes in ``skip``; return the location names written (may
-        be fewer than ``count``)."""
-        ...
-
-    def fetch(self, key: str, hints: Sequence[str] = ()) -> tuple[bytes, str] | None:
-        """Read a verified frame from another node, trying the ``lmdb:<node>`` locations in
-        ``hints`` first: ``(frame, location)`` or ``None``."""
-        ...
-
-    def delete(self, key: str) -> int:
-        """Delete ``key`` from every other node; return how many held it."""
-        ...
-
-
 def _default_node_id() -> str:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
@@ -190,7 +150,7 @@ class TieredCache:
         self.settings = settings
         self.node_id = node_id or _default_node_id()
         if memory is None and settings.memory_bytes > 0:
-            memory = MemoryTier(settings.memory_bytes, name=f"memory:{self.node_id}")
+            memory = MemoryTier(settings.memory_bytes, name=memory_location(self.node_id))
         self.memory = memory
         self.lmdb = lmdb if lmdb is not None else LmdbTier(
             settings.lmdb_path_for(self.node_id),
@@ -352,20 +312,6 @@ class TieredCache:
             raise ReplicaLost(key, self._tried())
         return codec.decode_table_unchecked(data, key)
 
-    def get_bytes(self, key: str, *, locations: Sequence[str] = ()) -> bytes:
-        """Return opaque bytes stored with :meth:`put_bytes`.
-
-        Raises:
-            ReplicaLost: No tier holds a good copy.
-        """
-        data = self.get(key, locations=locations)
-        if data is None:
-            raise ReplicaLost(key, self._tried())
-        header, raw = codec.unframe(data, key, checked=False)
-        if header.content != codec.Content.BYTES:
-            raise CorruptObject(key, "holds an Arrow table, not opaque bytes")
-        return bytes(raw)
-
     def _tried(self) -> builtins.list[str]:
         names = [t.name for t in (self.memory, self.lmdb) if t is not None]
         if self.peers is not None:
@@ -495,11 +441,6 @@ class TieredCache:
         """Encode ``table`` (Arrow IPC stream in a frame) and :meth:`put` it."""
         validate_key(key)
         return self._put(key, codec.encode_table(table), durable=durable, rows=table.num_rows)
-
-    def put_bytes(self, key: str, payload: bytes, *, durable: bool = True) -> BlockMeta:
-        """Frame opaque bytes (a journal) and :meth:`put` them."""
-        validate_key(key)
-        return self._put(key, codec.encode_bytes(payload), durable=durable, rows=0)
 
     def flush(self, prefix: str = "") -> int:
         """Write the durable copy of every pinned LMDB block under ``prefix``.
@@ -638,7 +579,7 @@ class TieredCache:
             return self.local_location
         if tier is self.remote:
             return REMOTE
-        return f"memory:{self.node_id}"
+        return memory_location(self.node_id)
 
     def check(self) -> builtins.list[str]:
         """Structural consistency problems (empty list when consistent). Cheap; no hashing.

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierflow.cache.settings import CacheSettings
-from tierflow.cache.tiered import REMOTE, lmdb_location
-from tierflow.engine.backend import Backend, RayBackend
+from tierflow.cache.locations import REMOTE, lmdb_location
+from tierflow.engine.backend import Backend
+from tierflow.engine.ray_backend import RayBackend
 from tierflow.engine.journal import Journal
 from tierflow.engine.progress import Progress, StepView, summary_table
+from tierflow.engine.telemetry import Telemetry
 from tierflow.engine.runners import Outcome
 from tierflow.engine.state import Action, Completed, DeadLetter, Dispatch, Failed, PipelineState
 from tierflow.errors import StageError, TierflowError, TierUnavailable
+from tierflow.events import Event, EventKind, Listener
 from tierflow.faults import crash_point
 from tierflow.io.sink import PartMeta, Sink
 from tierflow.manifest import PythonStage
@@ -37,6 +40,7 @@ RETRY_BASE_S = 1.0  # backoff before the 2nd attempt; doubles per attempt, jitte
 RETRY_MAX_S = 15.0
 BLACKLIST_FAILURES = 3
 BLACKLIST_WINDOW_S = 120.0
+SINK_ATTEMPTS = 3  # tries per block at writing its sink part
 
 
 @dataclass(slots=True)
@@ -62,19 +66,20 @@ class Executor:
         journal: where commits are recorded (None: no journal, no resume).
         start_step: per block, the first step to run (from ``resume_points``).
         backend: what runs the steps.
+        on_event: called with each :class:`~tierflow.events.Event`, on the driver's loop.
     """
 
     plan: Plan
     sink: Sink
     settings: CacheSettings
     triton_url: str | tuple[str, ...] | None = None
-    window: int | None = None
-    max_attempts: int = 3
     progress_out: Any = None
     journal: Journal | None = None
     start_step: list[int] | None = None
     backend: Backend = field(default_factory=lambda: RayBackend())
+    on_event: Listener | None = None
     views: list[StepView] = field(init=False)
+    telemetry: Telemetry = field(init=False)  # timelines, faults, resources: report.json and metrics
     parts: dict[int, PartMeta] = field(init=False, default_factory=dict)
     _garbage: list[str] = field(init=False, default_factory=list)
     # where the copies of blocks waiting for the next step are (handed to that step)
@@ -104,17 +109,19 @@ class Executor:
             for view in self.views[:first]:
                 view.reused += 1  # committed by an earlier run: read, not recomputed
         started = self._started = time.monotonic()
+        self.telemetry = Telemetry.for_plan(plan)
         progress = Progress(plan.manifest.name, self.views, self.progress_out) if self.progress_out else None
         backend = self.backend
         error: BaseException | None = None
         try:
             self.sink.prepare()
             limits = backend.start(plan, self.sink, self.settings, self.triton_url)
-            window = self.window or max(8, 2 * sum(limits))
+            self._emit("run_started")
+            window = max(8, 2 * sum(limits))
             cfgs = [s.config for s in plan.stages]
             state = PipelineState(
                 len(plan.blocks), limits, window,
-                max_attempts=[*(c.max_attempts for c in cfgs), self.max_attempts],
+                max_attempts=[*(c.max_attempts for c in cfgs), SINK_ATTEMPTS],
                 start_step=self.start_step,
                 skip=[*(c.on_error != "fail" for c in cfgs), False],
             )
@@ -129,6 +136,7 @@ class Executor:
                 flushed = self.journal.flush() if self.journal is not None else False
                 self._collect_garbage(now=flushed)
                 self._sync_views(state)
+                self.telemetry.sample(self.views)
                 if progress:
                     progress.refresh()
             self._sync_views(state)
@@ -157,6 +165,7 @@ class Executor:
             raise
         finally:
             backend.shutdown()
+            self._emit("run_finished", error=str(error) if error else None)
             if progress:
                 progress.refresh(force=True)
                 progress.close()
@@ -180,7 +189,9 @@ class Executor:
                 view.dead_letters += 1
                 self.backend.dead_letter(a.step, a.block, a.error, inputs)
                 continue
-            view.started = view.started or now
+            if not view.started:
+                view.started = now
+                self._emit("stage_started", stage=view.name)
             view.executions += 1
             if a.attempt > 1:
                 view.retries += 1
@@ -262,6 +273,8 @@ class Executor:
         the next lost node costs no recomputation either."""
         for node in self.backend.lost_nodes():
             self.nodes_lost.append({"node": node, "at_s": round(time.monotonic() - self._started, 3)})
+            self.telemetry.fault("node_lost", node)
+            self._emit("node_lost", node=node)
             gone = lmdb_location(node)
             for (step, block), locs in self._locations.items():
                 if gone not in locs:
@@ -275,6 +288,7 @@ class Executor:
                 continue  # read (and maybe deleted) meanwhile
             self._locations[(step, block)] = locs + added
             self.views[step].rereplicated += 1
+            self.telemetry.fault("rereplicated", f"{self.views[step].name} block {block}")
             if self.journal is not None:
                 self.journal.add_locations(self.plan.stages[step].name, block, added)
 
@@ -317,11 +331,14 @@ class Executor:
                 self._crashed.add(key)
             if outcome.node:
                 self._blame(d.step, outcome.node)
+            self._emit("block_failed", stage=view.name, block=d.block, attempt=d.attempt, node=outcome.node or None,
+                       error=outcome.error, retryable=outcome.retryable)
             return Failed(d.step, d.block, outcome.error, outcome.retryable, outcome.lost_input)
         if outcome.seconds:
             self._durations[d.step].append(outcome.seconds)
         meta = outcome.meta
         view.rows_out += meta.rows
+        self.telemetry.block(d.step, outcome, run.inputs)
         j = self.journal
         if outcome.rejected:
             view.dead_letter_rows += outcome.rejected
@@ -341,7 +358,12 @@ class Executor:
             self._garbage.append(self.plan.key(d.step - 1, d.block))  # its only reader is done
             if j is not None:
                 j.forget_block(self.plan.stages[d.step - 1].name, d.block)
+        self._emit("block_committed", stage=view.name, block=d.block, attempt=d.attempt, node=outcome.node or None)
         return Completed(d.step, d.block)
+
+    def _emit(self, kind: EventKind, **fields: object) -> None:
+        if self.on_event is not None:
+            self.on_event(Event(kind, round(time.monotonic() - self._started, 3), **fields))  # type: ignore[arg-type]
 
     def _rejected_rows(self) -> list[int]:
         """Per step, the rows set aside by ``skip_rows``, earlier runs' reused blocks included."""
@@ -399,6 +421,7 @@ class Executor:
             "nodes_lost": self.nodes_lost,
             "durable_catch_up": self.durable_catch_up,
             "stages": stages,
+            "telemetry": self.telemetry.finish(self.views),
         }
 
 

@@ -14,30 +14,13 @@ pipeline; another driver refuses to start until that lease expires (its holder r
 with every flush, so a SIGKILLed holder loses it after ``lease_s``, or at once for a
 re-run on the same host, where the holder's pid can be seen to be gone).
 
-Format (version 2). The snapshot ``journal.json``::
-
-    {"version": 2, "seq": 17, "pipeline": "demo", "run_id": "...",
-     "state": "running|succeeded|failed", "updated_at": 1764000000.0, "blocks": 120,
-     "sink_fingerprint": "<sha256>",
-     "stages": {"clean": {"fingerprint": "<sha256>", "done": {"42": [rows, nbytes, checksum, [locations]]},
-                          "rejected": {"7": rows set aside by on_error: skip_rows}}},
-     "parts": {"42": [name, rows, bytes, checksum]}}
-
-``seq`` is the last delta folded into it. A delta ``delta-000000000018.json``::
-
-    {"version": 2, "seq": 18, "run_id": "<the snapshot's>", "state": "running", "updated_at": ...,
-     "ops": [["done", "clean", 42, [rows, nbytes, checksum, [locations]]],  # committed, or locations added
-             ["done", "clean", 41, null],                                 # forgotten
-             ["rejected", "clean", 7, rows],
-             ["part", 42, [name, rows, bytes, checksum]]]}
-
-Each op sets a key to its current whole value (``null``: removes it), so applying one twice
-is harmless. Loading reads the snapshot and applies the deltas with seq > its ``seq`` in
-order, up to the first missing or unreadable one (the end of the log). When the deltas
-outweigh the snapshot (or number ``COMPACT_DELTAS``), and always when a run begins or
-finishes, a fresh snapshot is written, and only then are the deltas it covers deleted
-(deltas left by a crash in between have seq <= the snapshot's and are ignored). A version
-1 journal (the whole state in ``journal.json``, no ``seq``, no deltas) loads as seq 0.
+The format (version 2: the snapshot's and the deltas' fields, the lease, and how a reader
+recovers the state) is specified in ``storage/FORMAT.md`` section 6; in short, a delta's
+ops each set one value (``["done", stage, block, row | null]``, ``["rejected", ...]``,
+``["part", block, row | null]``), so applying one twice is harmless, and a load reads the
+snapshot, then the consecutive deltas after its ``seq`` up to the first unreadable one
+(the end of the log). A version 1 journal (the whole state in ``journal.json``) loads as
+seq 0.
 
 ``done`` holds the blocks whose output is still needed or kept (consumed intermediates are
 forgotten when the engine deletes them); ``parts`` the sink parts already committed.
@@ -51,12 +34,12 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypedDict
 
 from fsspec import AbstractFileSystem
 
-from tierflow.errors import TierflowError
+from tierflow.errors import PipelineBusy, TierflowError
 from tierflow.io.fs import filesystem, fs_errors, store_op, write_atomic
 from tierflow.io.sink import PartMeta
 
@@ -68,10 +51,6 @@ _DELTA = re.compile(r"delta-(\d+)\.json")
 
 # A pending change, by what it changes: ("done" | "rejected", stage, block) or ("part", block).
 _Key = tuple[Any, ...]
-
-
-class PipelineBusy(TierflowError):
-    """Another live driver holds the pipeline's lease."""
 
 
 def journal_dir(durable_url: str, pipeline: str) -> str:
@@ -110,6 +89,45 @@ def _deltas(fs: AbstractFileSystem, root: str) -> dict[int, str]:
         if m:
             out[int(m.group(1))] = f"{root}/{base}"
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEntry:
+    """A block a stage committed, as the journal records it (metadata only, never data).
+
+    Stored in the snapshot and the deltas as the row ``[rows, nbytes, checksum,
+    [locations]]`` (:meth:`row`, :meth:`from_row`); the row is the on-disk format.
+
+    Attributes:
+        rows: Rows in the block.
+        nbytes: Size of its uncompressed frame in bytes.
+        checksum: ``"xxh3-128:<hex>"`` of its content.
+        locations: Location names of its copies (``lmdb:<node>``, ``remote``), in write
+            order, then those added by re-replication.
+    """
+
+    rows: int
+    nbytes: int
+    checksum: str
+    locations: tuple[str, ...]
+
+    def row(self) -> list[Any]:
+        """The entry as the snapshot and the deltas hold it."""
+        return [self.rows, self.nbytes, self.checksum, list(self.locations)]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> BlockEntry:
+        """Read a stored row back."""
+        rows, nbytes, checksum, locations = row
+        return cls(rows, nbytes, checksum, tuple(locations))
+
+
+class StageRecord(TypedDict):
+    """One stage's part of the journal (a plain dict: it is the snapshot's JSON shape)."""
+
+    fingerprint: str
+    done: dict[int, BlockEntry]  # blocks whose output is still needed or kept
+    rejected: dict[int, int]  # rows of each block set aside by on_error: skip_rows
 
 
 def _part_row(p: PartMeta) -> list[Any]:
@@ -161,7 +179,7 @@ class Journal:
     state: str = "new"
     blocks: int = 0
     sink_fingerprint: str = ""
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
     parts: dict[int, PartMeta] = field(default_factory=dict)
     updated_at: float = 0.0
     # Who holds the lease: this process's object, never read back from storage.
@@ -217,7 +235,7 @@ class Journal:
         self.stages = {
             name: {
                 "fingerprint": s["fingerprint"],
-                "done": {int(b): v for b, v in s["done"].items()},
+                "done": {int(b): BlockEntry.from_row(v) for b, v in s["done"].items()},
                 "rejected": {int(b): n for b, n in s.get("rejected", {}).items()},
             }
             for name, s in doc["stages"].items()
@@ -278,13 +296,14 @@ class Journal:
             else:
                 # A delta's stages are its snapshot's (only begin() changes them, and it
                 # writes a snapshot): an unknown one cannot occur, and is skipped.
-                table = self.stages.get(op[1], {}).get(kind)
-                if table is None:
+                stage = self.stages.get(op[1])
+                if stage is None:
                     continue
+                table: dict[int, Any] = stage["done"] if kind == "done" else stage["rejected"]
                 if op[3] is None:
                     table.pop(op[2], None)
                 else:
-                    table[op[2]] = op[3]
+                    table[op[2]] = BlockEntry.from_row(op[3]) if kind == "done" else op[3]
 
     def document(self) -> dict[str, Any]:
         """The whole state, as the snapshot ``journal.json`` holds it (its ``seq`` too)."""
@@ -293,25 +312,26 @@ class Journal:
             "state": self.state, "updated_at": self.updated_at, "blocks": self.blocks,
             "sink_fingerprint": self.sink_fingerprint,
             "stages": {
-                n: {"fingerprint": s["fingerprint"], "done": s["done"], "rejected": s["rejected"]}
+                n: {"fingerprint": s["fingerprint"], "done": {b: e.row() for b, e in s["done"].items()},
+                    "rejected": s["rejected"]}
                 for n, s in self.stages.items()
             },
             "parts": {str(b): _part_row(p) for b, p in self.parts.items()},
         }
 
-    def committed(self, stage: str, fingerprint: str) -> dict[int, list[Any]]:
+    def committed(self, stage: str, fingerprint: str) -> dict[int, BlockEntry]:
         """Blocks of ``stage`` committed under ``fingerprint`` (empty if it changed)."""
         s = self.stages.get(stage)
         if s is None or s["fingerprint"] != fingerprint:
             return {}
-        return s["done"]  # type: ignore[no-any-return]
+        return s["done"]
 
     def rejected(self, stage: str, fingerprint: str) -> dict[int, int]:
         """Rows of each block of ``stage`` set aside as dead letters (``skip_rows``)."""
         s = self.stages.get(stage)
         if s is None or s["fingerprint"] != fingerprint:
             return {}
-        return s["rejected"]  # type: ignore[no-any-return]
+        return s["rejected"]
 
     # -- writing (driver only) -------------------------------------------------------------
 
@@ -322,9 +342,10 @@ class Journal:
         self.pipeline, self.blocks, self.state = pipeline, blocks, "running"
         self.sink_fingerprint = sink_fingerprint
         self.run_id = uuid.uuid4().hex
+        old = self.stages
         self.stages = {
-            name: (self.stages[name] if self.stages.get(name, {}).get("fingerprint") == fp
-                   else {"fingerprint": fp, "done": {}, "rejected": {}})
+            name: (old[name] if name in old and old[name]["fingerprint"] == fp
+                   else StageRecord(fingerprint=fp, done={}, rejected={}))
             for name, fp in fingerprints.items()
         }
         self._snapshot_due = True  # whole stages and parts may be gone: no delta says that
@@ -334,7 +355,7 @@ class Journal:
                      locations: tuple[str, ...]) -> None:
         done = self.stages[stage]["done"]
         self._pending.setdefault(("done", stage, block), block in done)
-        done[block] = [rows, nbytes, checksum, list(locations)]
+        done[block] = BlockEntry(rows, nbytes, checksum, tuple(locations))
 
     def record_rejected(self, stage: str, block: int, rows: int) -> None:
         # kept when the block itself is forgotten: the count belongs in the final _SUCCESS
@@ -342,9 +363,10 @@ class Journal:
         self.stages[stage]["rejected"][block] = rows
 
     def add_locations(self, stage: str, block: int, locations: tuple[str, ...]) -> None:
-        entry = self.stages[stage]["done"].get(block)
+        done = self.stages[stage]["done"]
+        entry = done.get(block)
         if entry is not None:
-            entry[3] = [*entry[3], *locations]
+            done[block] = replace(entry, locations=(*entry.locations, *locations))
             self._pending.setdefault(("done", stage, block), True)
 
     def forget_block(self, stage: str, block: int) -> None:
@@ -414,7 +436,12 @@ class Journal:
                 p = self.parts.get(key[1])
                 ops.append(["part", key[1], None if p is None else _part_row(p)])
             elif key[1] in self.stages:
-                ops.append([key[0], key[1], key[2], self.stages[key[1]][key[0]].get(key[2])])
+                stage = self.stages[key[1]]
+                if key[0] == "done":
+                    entry = stage["done"].get(key[2])
+                    ops.append(["done", key[1], key[2], None if entry is None else entry.row()])
+                else:
+                    ops.append(["rejected", key[1], key[2], stage["rejected"].get(key[2])])
         doc = {"version": VERSION, "seq": seq, "run_id": self.run_id, "state": self.state,
                "updated_at": self.updated_at, "ops": ops}
         data = json.dumps(doc, separators=(",", ":")).encode()

@@ -81,6 +81,12 @@ def _stage_transform(stage: Stage, triton_url: str | tuple[str, ...] | None) -> 
             max_inflight=stage.max_inflight,
             timeout_s=stage.timeout_s,
         )
+        from tierflow.triton.deploy import DeployedEndpoints, EndpointFollower
+
+        if isinstance(triton_url, DeployedEndpoints):
+            # Servers tierflow deployed come and go (lost nodes, replacements): follow the
+            # controller, and use this node's server first.
+            EndpointFollower(client, triton_url.deployment).refresh()
         return client.infer_table
     assert isinstance(stage, PythonStage)
     obj = load_object(stage.target)

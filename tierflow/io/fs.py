@@ -2,7 +2,7 @@
 
 Secrets are written in manifests as ``${VAR}``; they are resolved from the environment
 only here, when a filesystem is built, and never stored, logged or journaled (the same
-rule and the same resolver as the cache's durable store).
+rules and the same resolver as the cache's durable store: :mod:`tierflow.credentials`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec import AbstractFileSystem
 
-from tierflow.cache.base import unavailable_error
-from tierflow.cache.settings import resolve_storage_options, secret_values
-from tierflow.errors import StoreError
+from tierflow.credentials import resolve_storage_options, scrub, secret_values
+from tierflow.errors import StoreError, TierflowError, medium_failures
 from tierflow.faults import crash_point
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -40,13 +39,11 @@ def fs_errors(role: str, url: str, storage_options: Mapping[str, Any] | None = N
     tierflow's own errors pass through."""
     try:
         yield
-    except StoreError:
+    except TierflowError:
         raise
-    except Exception as exc:
-        found = unavailable_error(role, exc, secret_values(storage_options or {}))
-        if found is None:
-            raise
-        raise StoreError(role, url, found.reason) from exc
+    except medium_failures() as exc:
+        reason = scrub(f"{type(exc).__name__}: {exc}", secret_values(storage_options or {}))
+        raise StoreError(role, url, reason) from exc
 
 
 def store_op(role: str) -> Callable[[_F], _F]:

@@ -43,7 +43,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -239,10 +239,14 @@ class TritonStageClient:
         self._pool = EndpointPool(self.urls, self.client_factory, self.retry, self.clock)
         self._spec_lock = threading.Lock()
         self._rng = random.Random()
+        #: Called when every endpoint is out of rotation, before each backoff and readiness
+        #: poll: a hook that may call :meth:`set_endpoints` with fresh ones (a deployment's
+        #: replacement servers). Not pickled.
+        self.on_all_out: Callable[[], None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_pool", "_spec_lock", "_rng"):
+        for key in ("_pool", "_spec_lock", "_rng", "on_all_out"):
             state.pop(key, None)
         return state
 
@@ -260,6 +264,25 @@ class TritonStageClient:
     def endpoint_stats(self) -> tuple[EndpointStats, ...]:
         """Health and counters of each endpoint, in ``urls`` order. Thread-safe."""
         return self._pool.stats()
+
+    def set_endpoints(self, urls: Sequence[str], prefer: Collection[str] = ()) -> None:
+        """Send calls to ``urls`` from now on, ``prefer`` ones first (the same node's server).
+
+        Endpoints that stay keep their health and connection; calls in flight to one that
+        went end as they would have, and a failed request is resent to the others, so
+        every row still comes from exactly one answered request. An empty list is allowed
+        (every server is being replaced): calls then wait as when every endpoint is out.
+        Thread-safe.
+
+        Raises:
+            ValueError: ``urls`` lists an endpoint twice.
+        """
+        urls = tuple(urls)
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"url lists an endpoint twice: {list(urls)}")
+        if self._pool.replace(urls, prefer):
+            self.urls = urls
+            self.url = ", ".join(urls) or "(no endpoint)"
 
     # -- model config
 
@@ -359,6 +382,8 @@ class TritonStageClient:
         if not self._pool.all_out():
             self._pool.wait(timeout_s=0.1)
             return
+        if self._refreshed():
+            return
         start = self.clock()
         self.sleep(self.retry.delay_s(retry, self._rng.random()))
         if self.retry.ready_timeout_s == 0:  # no polling: resend blindly after the backoff
@@ -368,6 +393,8 @@ class TritonStageClient:
         deadline = start + self.retry.ready_timeout_s
         poll, last = 0, "not ready"
         while True:
+            if self._refreshed():
+                return
             for ep in self._pool.by_cooldown_end():
                 remaining = deadline - self.clock()
                 try:
@@ -394,6 +421,13 @@ class TritonStageClient:
             poll += 1
             interval = min(_MAX_PROBE_INTERVAL_S, self.retry.delay_s(poll, self._rng.random()))
             self.sleep(min(interval, remaining))
+
+    def _refreshed(self) -> bool:
+        """Run the ``on_all_out`` hook; whether some endpoint can now take a call."""
+        if self.on_all_out is None:
+            return False
+        self.on_all_out()
+        return not self._pool.all_out()
 
     # -- inference
 

@@ -1,8 +1,10 @@
 """Where a Triton stage's requests go: the endpoints, their health, and the retry policy.
 
 :class:`EndpointPool` balances calls over one or more gRPC endpoints serving the same
-model (least in flight, ties round robin) and takes one that fails out of rotation for an
-exponential cool-down; :class:`RetryPolicy` says how long to wait and how often to resend.
+model (least in flight, ties round robin; endpoints on the caller's own node first when it says
+which) and takes one that fails out of rotation for an exponential cool-down; its endpoint
+set can be replaced while calls run (a deployment's servers changed).
+:class:`RetryPolicy` says how long to wait and how often to resend.
 No gRPC here: the pool hands out endpoints and keeps score; the client makes the calls.
 """
 
@@ -12,7 +14,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -107,6 +109,7 @@ class EndpointStats:
         failed: Calls that failed with a retryable error.
         removals: Times it was taken out of rotation.
         last_error: The reason of its last retryable failure, ``""`` if none.
+        preferred: Whether it is preferred (on the caller's node): used first while available.
     """
 
     url: str
@@ -117,6 +120,7 @@ class EndpointStats:
     failed: int
     removals: int
     last_error: str
+    preferred: bool = False
 
 
 class Endpoint:
@@ -158,7 +162,9 @@ class EndpointPool:
     cool-down ends) or on *trial* (cool-down over, or a readiness poll said ready: one call
     at a time, and its success makes the endpoint healthy again, its failure sends it out
     for twice as long). Picking is least-in-flight among the available endpoints, ties
-    broken round robin, so a slow endpoint gets fewer calls.
+    broken round robin, so a slow endpoint gets fewer calls. *Preferred* endpoints (those on
+    the caller's node) are picked first whenever one of them is available; the others only
+    when none is.
 
     A failure takes an endpoint out once per outage: every call records the endpoint's
     epoch when sent, and only a failure of a call sent in the current epoch counts a strike
@@ -172,8 +178,10 @@ class EndpointPool:
         factory: Callable[[str], Any],
         policy: RetryPolicy,
         clock: Callable[[], float],
+        preferred: Collection[str] = (),
     ) -> None:
         self.endpoints = [Endpoint(url) for url in urls]
+        self._preferred = frozenset(preferred)
         self._factory = factory
         self._policy = policy
         self._clock = clock
@@ -212,13 +220,13 @@ class EndpointPool:
             now = self._clock()
             n = len(self.endpoints)
             best: int | None = None
+            best_rank = (True, 0)
             for k in range(n):
                 j = (self._next + k) % n
                 ep = self.endpoints[j]
-                if self._available(ep, now) and (
-                    best is None or ep.in_flight < self.endpoints[best].in_flight
-                ):
-                    best = j
+                rank = (ep.url not in self._preferred, ep.in_flight)  # preferred first
+                if self._available(ep, now) and (best is None or rank < best_rank):
+                    best, best_rank = j, rank
             if best is None:
                 return None
             self._next = (best + 1) % n
@@ -271,6 +279,35 @@ class EndpointPool:
             ep.down_until = min(ep.down_until, self._clock())
             self._cond.notify_all()
 
+    def replace(self, urls: Sequence[str], preferred: Collection[str] = ()) -> bool:
+        """Make ``urls`` the endpoint set, in that order, and ``preferred`` the preferred ones.
+
+        An endpoint that stays keeps its health, counters and gRPC client; a new one starts
+        healthy; one that goes leaves rotation at once (its calls in flight end as they
+        would have, and a failed one is resent to the endpoints left). Thread-safe.
+
+        Returns:
+            Whether the set or the preference changed.
+        """
+        with self._cond:
+            old = {ep.url: ep for ep in self.endpoints}
+            keep = set(urls)
+            preferred_now = frozenset(preferred) & keep
+            changed = list(old) != list(urls) or preferred_now != self._preferred
+            self.endpoints = [old.get(url) or Endpoint(url) for url in urls]
+            self._preferred = preferred_now
+            self._next = self._next % len(self.endpoints) if self.endpoints else 0
+            gone = [ep for url, ep in old.items() if url not in keep]
+            self._cond.notify_all()
+        for ep in gone:
+            _log.info("Triton endpoint %s removed from the pool", ep.url)
+            # A channel with calls in flight is left to the garbage collector: closing it
+            # would cancel calls that may still be answered.
+            if ep.in_flight == 0 and ep.client is not None and ep.pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    ep.client.close()
+        return changed
+
     def all_out(self) -> bool:
         """Whether every endpoint is cooling down (a trial endpoint that is busy is not out)."""
         with self._cond:
@@ -304,6 +341,7 @@ class EndpointPool:
                     failed=ep.failed,
                     removals=ep.removals,
                     last_error=ep.last_error,
+                    preferred=ep.url in self._preferred,
                 )
                 for ep in self.endpoints
             )

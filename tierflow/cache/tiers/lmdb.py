@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 import lmdb
 
 from tierflow.cache import codec
-from tierflow.cache.base import Counters, TierBase, TierStats, tier_errors
+from tierflow.cache.base import Counters, TierStats, tier_errors
 from tierflow.cache.keys import validate_key
 from tierflow.errors import CorruptObject, TierUnavailable
 
@@ -224,7 +224,7 @@ def _release_handle(handle: _EnvHandle) -> None:
     handle.close()
 
 
-class LmdbTier(TierBase):
+class LmdbTier:
     """A node-local LMDB store of frames with an LRU capacity limit. Thread- and process-safe.
 
     Usage::

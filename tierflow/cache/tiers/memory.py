@@ -18,13 +18,13 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import ClassVar
 
-from tierflow.cache.base import Counters, TierBase, TierStats
+from tierflow.cache.base import Counters, TierStats
 from tierflow.cache.keys import validate_key
 
 __all__ = ["MemoryTier"]
 
 
-class MemoryTier(TierBase):
+class MemoryTier:
     """An LRU dict of frames bounded by total bytes. Thread-safe.
 
     Usage::

@@ -32,9 +32,9 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from tierflow.cache import codec
-from tierflow.cache.base import Counters, TierBase, TierStats, tier_errors
+from tierflow.cache.base import Counters, TierStats, tier_errors
 from tierflow.cache.keys import validate_key
-from tierflow.cache.settings import resolve_storage_options, secret_values
+from tierflow.credentials import resolve_storage_options, secret_values
 from tierflow.errors import CorruptObject, TierUnavailable
 
 __all__ = ["SUFFIX", "RemoteTier", "redact_url"]
@@ -53,7 +53,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-class RemoteTier(TierBase):
+class RemoteTier:
     """Frames stored as objects under an fsspec URL. Thread-safe.
 
     Usage::

@@ -1,4 +1,4 @@
-"""``tierflow run``: validate, plan, connect Ray, bring up Triton, execute, report.
+"""The driver of one run (`tierflow run`): validate, plan, connect Ray, bring up Triton, execute, report.
 
 Everything that can be rejected is rejected before any cluster work: the manifest is
 loaded and checked (``tierflow.checks``) and the source planned first; only then is Ray
@@ -24,6 +24,7 @@ from tierflow.engine.executor import Executor
 from tierflow.engine.journal import Journal
 from tierflow.engine.resume import resume_points, sink_fingerprint
 from tierflow.errors import ModelError, TritonUnavailable
+from tierflow.events import Listener
 from tierflow.io.sink import Sink
 from tierflow.manifest import Manifest, PythonStage, TritonStage, load_manifest
 from tierflow.triton.server import TritonServer, wait_until_ready
@@ -87,15 +88,23 @@ def _cpus_needed(manifest: Manifest) -> int:
 
 @contextlib.contextmanager
 def triton_endpoint(manifest: Manifest) -> Iterator[str | tuple[str, ...] | None]:
-    """The gRPC URL(s) Triton stages use: a launched bundled server, or the configured
-    ones once every model they need is ready on at least one (fails naming the URL or the
-    model). Servers not ready yet stay in the list: the client brings them into rotation
-    when they answer."""
+    """The gRPC URL(s) Triton stages use: a launched bundled server, servers deployed on
+    the Ray cluster (``triton.deploy``: a running deployment of that name is reused and left
+    running, else one is started for the run and torn down when it ends, on failure too),
+    or the configured ones once every model they need is ready on at least one (fails
+    naming the URL or the model). Servers not ready yet stay in the list: the client brings
+    them into rotation when they answer."""
     models = sorted({s.model for s in manifest.stages if isinstance(s, TritonStage)})
     if not models:
         yield None
         return
     cfg = manifest.triton
+    if cfg.deploy is not None:
+        from tierflow.triton.deploy import DeploySpec, deployed
+
+        with deployed(DeploySpec.from_manifest(manifest, models)) as deployment:
+            yield deployment.urls()
+        return
     if cfg.launch:
         repo = Path(manifest.resolve(cfg.repository))
         with TritonServer(repo, models=models, startup_timeout_s=cfg.startup_timeout_s or 180.0) as server:
@@ -121,13 +130,15 @@ def triton_endpoint(manifest: Manifest) -> Iterator[str | tuple[str, ...] | None
 
 
 def run_pipeline(
-    path: str | os.PathLike[str],
+    manifest: Manifest | str | os.PathLike[str],
     *,
     address: str | None = None,
     fresh: bool = False,
     progress_out: IO[str] | None = sys.stdout,
+    on_event: Listener | None = None,
 ) -> dict[str, Any]:
-    """Run a manifest end to end, resuming what an earlier run committed (unless ``fresh``).
+    """Run a manifest (a loaded one, or its path) end to end, resuming what an earlier run
+    committed (unless ``fresh``).
 
     Returns the run report, which is also written to ``<cache dir>/<pipeline>/report.json``
     for every run that got past validation, failed ones included.
@@ -137,8 +148,10 @@ def run_pipeline(
         PipelineBusy: another live driver runs this pipeline.
         StageError, InferenceError, SinkError: from the run itself.
     """
-    manifest = load_manifest(path)
-    check_manifest(manifest, str(path))
+    source = "<manifest>" if isinstance(manifest, Manifest) else str(manifest)
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    check_manifest(manifest, source)
     plan = plan_manifest(manifest)
     settings = cache_settings(manifest)
     sink = Sink(manifest.sink, manifest.resolve(manifest.sink.path))
@@ -146,7 +159,7 @@ def run_pipeline(
     journal.acquire_lease()
     if fresh:
         journal = Journal(journal.url, journal.storage_options, pipeline=manifest.name, owner=journal.owner)
-    executor = Executor(plan, sink, settings, progress_out=progress_out, journal=journal)
+    executor = Executor(plan, sink, settings, progress_out=progress_out, journal=journal, on_event=on_event)
     state = "failed"
     try:
         journal.begin(manifest.name, len(plan.blocks), {s.name: s.fingerprint for s in plan.stages},

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
+from tierflow.cache.locations import location_kind
 from tierflow.engine.journal import Journal
 from tierflow.plan import Plan
 
@@ -22,7 +22,24 @@ class StageStatus:
     stale: bool  # the journal's entries are for another fingerprint
 
 
-def pipeline_status(plan: Plan, journal: Journal) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class PipelineStatus:
+    """A pipeline's progress as its journal records it."""
+
+    pipeline: str
+    state: str  # "new", "running", "interrupted" (running, no live lease), "succeeded" or "failed"
+    holder: str | None  # "<host> pid <pid>" of the driver running it now, if one does
+    stages: tuple[StageStatus, ...]
+    sink_parts: int
+    sink_rows: int
+    blocks: int
+
+    @property
+    def running(self) -> bool:
+        return self.holder is not None
+
+
+def pipeline_status(plan: Plan, journal: Journal) -> PipelineStatus:
     n, total = len(plan.stages), len(plan.blocks)
     reach = [-1] * total  # per block: the furthest step with a committed output
     stages = []
@@ -36,20 +53,20 @@ def pipeline_status(plan: Plan, journal: Journal) -> dict[str, Any]:
         held = journal.committed(sp.name, sp.fingerprint)
         where: Counter[str] = Counter()
         for entry in held.values():
-            where.update(loc.split(":", 1)[0] for loc in entry[3])
+            where.update(location_kind(loc) for loc in entry.locations)
         recorded = journal.stages.get(sp.name)
         stages.append(StageStatus(
-            sp.name, sum(r >= i for r in reach), total, sum(e[0] for e in held.values()), len(held),
+            sp.name, sum(r >= i for r in reach), total, sum(e.rows for e in held.values()), len(held),
             dict(where), recorded is not None and recorded["fingerprint"] != sp.fingerprint,
         ))
     lease = journal.lease()
     running = bool(journal.state == "running" and lease and lease["expires_at"] > time.time())
-    return {
-        "pipeline": plan.manifest.name,
-        "state": journal.state if journal.state != "running" or running else "interrupted",
-        "running": running,
-        "holder": f"{lease['host']} pid {lease['pid']}" if running and lease else None,
-        "stages": stages,
-        "sink": {"parts": sum(1 for b in journal.parts if b < total), "total": total,
-                 "rows": sum(p.rows for p in journal.parts.values())},
-    }
+    return PipelineStatus(
+        pipeline=plan.manifest.name,
+        state=journal.state if journal.state != "running" or running else "interrupted",
+        holder=f"{lease['host']} pid {lease['pid']}" if running and lease else None,
+        stages=tuple(stages),
+        sink_parts=sum(1 for b in journal.parts if b < total),
+        sink_rows=sum(p.rows for p in journal.parts.values()),
+        blocks=total,
+    )

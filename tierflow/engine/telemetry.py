@@ -1,0 +1,351 @@
+"""Run telemetry: what the driver saw over time, for the run report and for metrics.
+
+The executor owns one :class:`Telemetry` per run and tells it three things: a driver
+round happened (``sample``: the recorder reads the live per-step views, at most once per
+``interval_s``), a step's output was committed (``block``: where it read its input and
+wrote its copies), and a fault happened (``fault``: a lost node, a re-replicated block).
+``finish`` takes a last sample and returns the JSON that goes into ``report.json`` under
+``"telemetry"``; ``tierflow report`` renders it and :mod:`tierflow.metrics` serves the
+latest figures to Prometheus.
+
+Cost on the driver: a round that is not due costs one clock read; a sample walks the
+steps once (20 steps: a few µs, once a second); ``block`` is a few dict updates per
+committed block. Timelines keep at most ``max_samples`` points: when full, every other
+point is dropped and the interval doubles, so a 10-hour run stays a few hundred KB of JSON
+(rather than growing with the run, or sampling so sparsely that short runs show nothing).
+
+Nothing here imports Ray; the clock and the memory probe are injected (tests use fakes).
+
+Usage::
+
+    telemetry = Telemetry.for_plan(plan)
+    while running:
+        ...
+        telemetry.sample(views)
+    report["telemetry"] = telemetry.finish(views)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from tierflow.engine.runners import Outcome
+    from tierflow.plan import Plan
+
+__all__ = ["MemorySample", "StepFigures", "StepResources", "Telemetry", "host_memory"]
+
+SCHEMA_VERSION = 1
+
+# Where a step read its input from (see ``Telemetry.block``).
+SOURCE, LOCAL, PEER, REMOTE, UNKNOWN = "source", "local", "peer", "remote", "unknown"
+# Where a committed step wrote: these and SINK (a part file).
+SINK = "sink"
+
+# Counters of a step whose increase between two samples is recorded as a fault event.
+_FAULT_COUNTERS = (
+    ("retries", "retry"), ("reexecutions", "reexecuted"), ("timeouts", "timeout"),
+    ("dead_letters", "dead_letter"), ("retired_actors", "actor_retired"), ("spares_used", "spare_took_over"),
+)
+
+
+class StepFigures(Protocol):
+    """What a sample reads from each step (``tierflow.engine.progress.StepView`` has it)."""
+
+    name: str
+    total: int
+    done: int
+    inflight: int
+    queued: int
+    rows_out: int
+    executions: int
+    retries: int
+    reexecutions: int
+    timeouts: int
+    dead_letters: int
+    retired_actors: int
+    spares_used: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepResources:
+    """The Ray resources one running attempt of a step holds."""
+
+    name: str
+    cpus: float
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySample:
+    """Resident memory of the run's processes on the driver's host, in bytes."""
+
+    workers_rss: int  # every Ray worker process (``ray::...``) on this host, summed
+    workers: int
+    max_worker_rss: int
+    driver_rss: int
+
+
+def host_memory() -> MemorySample | None:
+    """RSS of this host's Ray workers and of this process; None without psutil.
+
+    Only the driver's host: Ray (without its dashboard) publishes no per-process figures
+    for other nodes, so on a multi-host cluster this is a partial view, labelled as such
+    in the report. ~5 ms for 100 processes, hence its own, slower interval.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = count = largest = 0
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        cmd, mem = proc.info.get("cmdline"), proc.info.get("memory_info")
+        # Ray workers retitle themselves "ray::<task or actor>"; the raylet and GCS do not
+        if not cmd or mem is None or not cmd[0].startswith("ray::"):
+            continue
+        total, count, largest = total + mem.rss, count + 1, max(largest, mem.rss)
+    return MemorySample(total, count, largest, psutil.Process(os.getpid()).memory_info().rss)
+
+
+@dataclass
+class _Series:
+    """Columns sampled together (``t`` plus one list per name), thinned when full."""
+
+    names: tuple[str, ...]
+    t: list[float] = field(default_factory=list)
+    cols: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cols = {n: [] for n in self.names}
+
+    def add(self, t: float, values: dict[str, Any]) -> None:
+        self.t.append(t)
+        for n in self.names:
+            self.cols[n].append(values[n])
+
+    def thin(self) -> None:
+        """Drop every other point (keeping the first): halves the length, keeps the shape."""
+        self.t = self.t[::2]
+        self.cols = {n: v[::2] for n, v in self.cols.items()}
+
+
+class Telemetry:
+    """Per-run recorder of per-step timelines, faults, resources, memory and cache I/O.
+
+    Driver-only and not thread-safe for writers: the executor is the one writer. The
+    metrics exporter only reads ``latest``, a dict replaced whole at each sample.
+
+    Args:
+        pipeline: The pipeline's name (a label on every metric).
+        steps: Per step (each stage, then the sink), its name and resources per attempt.
+        clock: Seconds, monotonic (injectable).
+        interval_s: The shortest time between two samples.
+        max_samples: Points kept per timeline before thinning.
+        memory: The memory probe (None: no memory figures).
+        memory_interval_s: The shortest time between two memory probes.
+        max_faults: Fault events kept with their time (counts per kind are always exact).
+    """
+
+    def __init__(
+        self,
+        pipeline: str,
+        steps: Sequence[StepResources],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval_s: float = 1.0,
+        max_samples: int = 2000,
+        memory: Callable[[], MemorySample | None] | None = host_memory,
+        memory_interval_s: float = 5.0,
+        max_faults: int = 1000,
+    ) -> None:
+        self.pipeline = pipeline
+        self.steps = tuple(steps)
+        self._clock = clock
+        self._interval = interval_s
+        self._max_samples = max(2, max_samples)
+        self._memory = memory
+        self._memory_interval = memory_interval_s
+        self._max_faults = max_faults
+        self._t0 = clock()
+        self._next_at = self._t0  # the first round samples at once
+        self._memory_at = self._t0
+        n = len(self.steps)
+        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus")
+        self._timeline = [_Series(per_step) for _ in range(n)]
+        self._mem = _Series(("workers_rss", "workers", "max_worker_rss", "driver_rss"))
+        self._faults: list[dict[str, Any]] = []
+        self._fault_counts: Counter[str] = Counter()
+        self._seen: list[dict[str, int]] = [{} for _ in range(n)]  # counters at the last sample
+        self._reads: list[Counter[str]] = [Counter() for _ in range(n)]
+        self._writes: list[dict[str, list[int]]] = [{} for _ in range(n)]  # tier -> [count, bytes]
+        self._sink_step = n - 1
+        self.latest: dict[str, Any] = {}
+        self.closers: list[Callable[[], None]] = []  # run by finish() (the metrics server)
+        self.metrics_port: int | None = None  # where metrics were served (``metrics.port`` 0: a free one)
+
+    @classmethod
+    def for_plan(cls, plan: Plan, **kwargs: Any) -> Telemetry:
+        """A recorder for ``plan``'s stages and sink; serves metrics when the manifest
+        says ``metrics: {port: N}``."""
+        from tierflow.engine.backend import SINK_CPUS
+
+        steps = [
+            StepResources(s.name, s.config.num_cpus, float(getattr(s.config, "num_gpus", 0.0)))
+            for s in plan.stages
+        ]
+        telemetry = cls(plan.manifest.name, [*steps, StepResources(SINK, SINK_CPUS)], **kwargs)
+        metrics = getattr(plan.manifest, "metrics", None)
+        if metrics is not None and metrics.port is not None:
+            from tierflow.metrics import serve_metrics
+
+            server = serve_metrics(telemetry, metrics.port, metrics.host)
+            telemetry.closers.append(server.close)
+            telemetry.metrics_port = server.port
+        return telemetry
+
+    # -- what the executor calls -------------------------------------------------------
+
+    def sample(self, views: Sequence[StepFigures], force: bool = False) -> bool:
+        """Record the steps' figures if ``interval_s`` has passed (or ``force``).
+
+        Returns whether a sample was taken. Called every driver round: a round that is
+        not due costs one clock read.
+        """
+        now = self._clock()
+        if not force and now < self._next_at:
+            return False
+        self._next_at = now + self._interval
+        t = round(now - self._t0, 3)
+        steps = []
+        for i, (v, res) in enumerate(zip(views, self.steps)):
+            fig = {
+                "done": v.done, "rows_out": v.rows_out, "inflight": v.inflight, "queued": v.queued,
+                "cpus": v.inflight * res.cpus, "gpus": v.inflight * res.gpus,
+            }
+            self._timeline[i].add(t, fig)
+            self._note_counters(i, v, t)
+            steps.append({**fig, "name": v.name, "total": v.total, "executions": v.executions,
+                          "retries": v.retries, "reexecutions": v.reexecutions})
+        if len(self._timeline[0].t) > self._max_samples:
+            for series in self._timeline:
+                series.thin()
+            self._interval *= 2
+        memory = self._probe_memory(now, t, force)
+        self.latest = {
+            "t": t, "steps": steps, "memory": memory, "faults": dict(self._fault_counts),
+            "reads": [dict(c) for c in self._reads],
+            "writes": [{k: tuple(v) for k, v in w.items()} for w in self._writes],
+        }
+        return True
+
+    def block(self, step: int, outcome: Outcome, inputs: tuple[str, ...]) -> None:
+        """Count a committed step's read and writes.
+
+        The read is counted for the nearest copy the step was pointed at: ``local`` (a
+        copy on the node it ran on: its memory or LMDB tier), else ``peer``, else
+        ``remote`` (``source`` for the first stage, ``unknown`` when the driver knew no
+        copy, e.g. after a resume). The cache reads in that order, so this is where it
+        read unless that copy had been evicted or was bad. Exact counts per tier would
+        need the worker's cache to report its hit with the outcome.
+        Writes are exact: each copy in the output's locations, with its size.
+        """
+        node = outcome.node
+        if step == 0:
+            tier = SOURCE
+        elif not inputs:
+            tier = UNKNOWN
+        elif f"lmdb:{node}" in inputs:  # location names: storage/FORMAT.md section 5
+            tier = LOCAL
+        elif any(loc.startswith("lmdb:") for loc in inputs):
+            tier = PEER
+        else:
+            tier = REMOTE
+        self._reads[step][tier] += 1
+        meta, writes = outcome.meta, self._writes[step]
+        if step == self._sink_step:
+            self._add_write(writes, SINK, meta.bytes)
+            return
+        for loc in meta.locations:
+            kind = loc.partition(":")[0]
+            if kind == "lmdb":
+                kind = LOCAL if loc == f"lmdb:{node}" else PEER
+            self._add_write(writes, kind, meta.nbytes)
+
+    def fault(self, kind: str, detail: str = "") -> None:
+        """Record a fault (``node_lost``, ``server_restarted``, ``rereplicated``, ...) now."""
+        self._fault_counts[kind] += 1
+        if len(self._faults) < self._max_faults:
+            self._faults.append({"t": round(self._clock() - self._t0, 3), "kind": kind, "detail": detail})
+
+    def finish(self, views: Sequence[StepFigures]) -> dict[str, Any]:
+        """Take the last sample, stop the metrics server, return :meth:`to_json`."""
+        self.sample(views, force=True)
+        closers, self.closers = self.closers, []
+        for close in closers:
+            close()
+        return self.to_json()
+
+    def to_json(self) -> dict[str, Any]:
+        """The recording, as plain JSON-able data (``report.json``'s ``"telemetry"``)."""
+        steps = []
+        for i, (res, series) in enumerate(zip(self.steps, self._timeline)):
+            steps.append({
+                "name": res.name, "cpus_per_attempt": res.cpus, "gpus_per_attempt": res.gpus,
+                "t": series.t, **series.cols,
+                "reads": dict(sorted(self._reads[i].items())),
+                "writes": {k: {"count": c, "bytes": b} for k, (c, b) in sorted(self._writes[i].items())},
+            })
+        return {
+            "version": SCHEMA_VERSION,
+            "interval_s": self._interval,
+            "steps": steps,
+            "faults": self._faults,
+            "fault_counts": dict(sorted(self._fault_counts.items())),
+            "memory": {"scope": "driver host", "t": self._mem.t, **self._mem.cols},
+            "metrics_port": self.metrics_port,
+        }
+
+    # -- internals ---------------------------------------------------------------------
+
+    @staticmethod
+    def _add_write(writes: dict[str, list[int]], tier: str, nbytes: int) -> None:
+        entry = writes.get(tier)
+        if entry is None:
+            writes[tier] = [1, nbytes]
+        else:
+            entry[0] += 1
+            entry[1] += nbytes
+
+    def _note_counters(self, step: int, v: StepFigures, t: float) -> None:
+        """Counters that rose since the last sample become fault events at this sample's
+        time (a retry storm is one event per step and second, not one per retry)."""
+        seen = self._seen[step]
+        for attr, kind in _FAULT_COUNTERS:
+            n = getattr(v, attr)
+            rise = n - seen.get(attr, 0)
+            if rise > 0:
+                seen[attr] = n
+                self._fault_counts[kind] += rise
+                if len(self._faults) < self._max_faults:
+                    self._faults.append({"t": t, "kind": kind, "detail": f"{v.name} +{rise}"})
+
+    def _probe_memory(self, now: float, t: float, force: bool) -> dict[str, int] | None:
+        if self._memory is None or not (force or now >= self._memory_at):
+            return self.latest.get("memory")
+        self._memory_at = now + self._memory_interval
+        got = self._memory()
+        if got is None:
+            self._memory = None  # no probe here (psutil missing): stop asking
+            return None
+        values = {"workers_rss": got.workers_rss, "workers": got.workers,
+                  "max_worker_rss": got.max_worker_rss, "driver_rss": got.driver_rss}
+        self._mem.add(t, values)
+        if len(self._mem.t) > self._max_samples:
+            self._mem.thin()
+            self._memory_interval *= 2
+        return values
