@@ -29,9 +29,15 @@ class InlineBackend:
     ``Outcome`` to inject a failure for a dispatch.
     """
 
-    def __init__(self, rows_per_block: int = 1000, fail: Callable[[Dispatch], Outcome | None] | None = None) -> None:
+    def __init__(
+        self,
+        rows_per_block: int = 1000,
+        fail: Callable[[Dispatch], Outcome | None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.rows = rows_per_block
         self.fail = fail
+        self.sleep = sleep  # a test's fake time passes here while nothing runs
         self.submitted = 0
         self.deleted = 0
         self.dead_letters: list[tuple[int, int, str]] = []
@@ -48,7 +54,7 @@ class InlineBackend:
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if not self._done:
-            time.sleep(timeout_s)
+            self.sleep(timeout_s)
         done, self._done = self._done, []
         return [(d, self._outcome(d)) for d in done]
 

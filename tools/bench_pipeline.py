@@ -336,43 +336,20 @@ def manifest_text(work: Path, data: Path, name: str, args: argparse.Namespace, u
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-_MARK: dict[str, float] = {}
-
-
-def _hook_tierflow_startup() -> None:
-    """Record when tierflow's backend is ready to dispatch (its start-up is over)."""
-    try:
-        from tierflow.engine import backend as mod
-
-        cls: Any = mod.RayBackend
-    except (ImportError, AttributeError):  # an older engine: the executor's pools
-        from tierflow.engine import executor as mod
-
-        cls = mod.ActorPool
-    name = "start" if hasattr(cls, "start") else "wait_ready"
-    orig = getattr(cls, name)
-    if getattr(orig, "_bench_hooked", False):
-        return
-
-    def hooked(self: Any, *a: Any, **k: Any) -> Any:
-        out = orig(self, *a, **k)
-        _MARK["tierflow_ready"] = time.time()
-        return out
-
-    hooked._bench_hooked = True  # type: ignore[attr-defined]
-    setattr(cls, name, hooked)
-
-
 def run_tierflow(manifest: Path, mark_file: Path) -> dict[str, Any]:
     from tierflow.driver import run_pipeline
 
-    _hook_tierflow_startup()
-    _MARK.pop("tierflow_ready", None)
+    marks: dict[str, float] = {}
+
+    def on_event(event: Any) -> None:
+        if event.kind == "run_started":  # the backend is ready to dispatch: start-up is over
+            marks["ready"] = time.time()
+
     mark_file.unlink(missing_ok=True)
     t0 = time.time()
-    report = run_pipeline(manifest, fresh=True, progress_out=None)
+    report = run_pipeline(manifest, fresh=True, progress_out=None, on_event=on_event)
     t1 = time.time()
-    ready = _MARK.get("tierflow_ready", t0)
+    ready = marks.get("ready", t0)
     execs = {s["name"]: s["executions"] for s in report["stages"]}
     return {"system": "tierflow", "total_s": t1 - t0, "startup_s": ready - t0, "run_s": t1 - ready,
             "rows": report["rows_out"], "steady_rows_per_s": steady_rate(mark_file), "report_elapsed_s": report["elapsed_s"], "executions": execs,

@@ -272,7 +272,7 @@ def manifest_doc(name: str, data: Path, out: Path, cache: Path, durable: Path, u
 def run_tierflow(manifest: Path) -> dict[str, Any]:
     import chaos
 
-    report, error, wall = chaos.run_once(manifest)  # stops the cache servers after the run
+    report, error, wall = chaos.run_once(manifest)
     out: dict[str, Any] = {"wall_s": wall, "error": repr(error) if error else None}
     if report:
         out["report"] = {s["name"]: {k: s.get(k) for k in ("executions", "retries", "reexecutions", "speculated")}

@@ -569,61 +569,29 @@ def variant(p: Prepared, work: Path, tag: str, replicas: int, triton_url: str | 
 
 
 class FailureLog:
-    """Records every failed step outcome the driver sees (full error text), by wrapping
-    ``RayBackend._finish`` for the duration of a run. Diagnostics only: the engine's
-    behaviour is unchanged; if the engine's internals change shape it records nothing."""
+    """Records every failed step attempt the driver sees (full error text), from the run's
+    ``block_failed`` events. Diagnostics only."""
 
     def __init__(self) -> None:
         self.failures: list[dict[str, Any]] = []
-        self._orig: Any = None
 
-    def __enter__(self) -> FailureLog:
-        try:
-            from tierflow.engine import backend
-        except ImportError:
-            return self
-        cls = backend.RayBackend
-        orig = getattr(cls, "_finish", None)
-        if orig is None:
-            return self
-        self._cls, self._orig = cls, orig
-        log = self.failures
-
-        def finish(backend_self: Any, ref: Any) -> Any:
-            out = orig(backend_self, ref)
-            try:
-                d, outcome = out
-                if not outcome.ok:
-                    log.append({"t": time.time(), "step": d.step, "block": d.block, "attempt": d.attempt,
-                                "retryable": outcome.retryable, "lost_input": outcome.lost_input,
-                                "error": outcome.error[-4000:]})
-            except (TypeError, ValueError, AttributeError):
-                pass
-            return out
-
-        cls._finish = finish
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._orig is not None:
-            self._cls._finish = self._orig
+    def __call__(self, event: Any) -> None:
+        if event.kind == "block_failed":
+            self.failures.append({"t": time.time(), "stage": event.stage, "block": event.block,
+                                  "attempt": event.attempt, "node": event.node, "retryable": event.retryable,
+                                  "error": (event.error or "")[-4000:]})
 
 
-def run_once(manifest: Path) -> tuple[dict[str, Any] | None, BaseException | None, float]:
-    from tierflow.cache.node_server import stop_cache_servers
+def run_once(manifest: Path, on_event: Any = None) -> tuple[dict[str, Any] | None, BaseException | None, float]:
     from tierflow.driver import run_pipeline
 
     t0 = time.monotonic()
     try:
-        report = run_pipeline(manifest, fresh=True, progress_out=None)
+        report = run_pipeline(manifest, fresh=True, progress_out=None, on_event=on_event)
         error = None
     except BaseException as exc:  # noqa: BLE001 - reported
         report, error = None, exc
-    elapsed = time.monotonic() - t0
-    # Cache servers outlive a run (they belong to the driver) and keep the settings of the
-    # run that started them: stop them so the next run's cache directory is used.
-    stop_cache_servers()
-    return report, error, elapsed
+    return report, error, time.monotonic() - t0
 
 
 def read_source_ids(p: Prepared) -> np.ndarray:
@@ -776,13 +744,13 @@ def run_chaos(manifest: Path | None = None, *, id_column: str = "id", schedule: 
         faults = FaultInjector(plan, lambda: journal_progress(journal, prepared.n_stages), cluster, triton,
                                triton_down_s, seed, triton_crash)
         result: dict[str, Any] = {}
+        failures = FailureLog()
         runner = threading.Thread(target=lambda: result.update(zip(("report", "error", "elapsed"),
-                                                                   run_once(c_manifest))), name="chaos-run")
+                                                                   run_once(c_manifest, failures))), name="chaos-run")
         t0 = time.monotonic()
-        with FailureLog() as failures:
-            runner.start()
-            faults.run_while(runner, t0)
-            runner.join()
+        runner.start()
+        faults.run_while(runner, t0)
+        runner.join()
         report, error, elapsed = result["report"], result["error"], result["elapsed"]
         say(f"chaos run: {elapsed:.1f} s" + (f", FAILED: {error!r}" if error else ""))
         chaos_table, stray = read_output(c_out)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-import tierflow.engine.executor as executor_module
 from tierflow.cache.settings import CacheSettings
 from tierflow.engine.executor import Executor
 from tierflow.engine.runners import Outcome
@@ -32,37 +30,47 @@ def plan_of(root: Path, blocks: int = 4, stages: int = 2) -> Plan:
     return Plan(m, Source(m.source, str(root / "in")), (), specs, steps)
 
 
-def run_with_one_failure(root: Path, failure: Outcome) -> tuple[dict, float]:  # type: ignore[type-arg]
-    """Block 1 fails once at stage s1 with ``failure``; returns the report and the wall time."""
-    failed: list[Dispatch] = []
+class FakeTime:
+    """The executor's clock, moved only by the backend's waits: no test sleeps."""
 
-    def fail(d: Dispatch) -> Outcome | None:
-        if (d.step, d.block) == (1, 1) and not failed:
-            failed.append(d)
-            return failure
-        return None
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    plan = plan_of(root)
-    ex = Executor(plan, Sink(plan.manifest.sink, str(root / "out")), CacheSettings(root=str(root / "cache")),
-                  backend=InlineBackend(rows_per_block=10, fail=fail))
-    t = time.monotonic()
-    report = ex.run()
-    return report, time.monotonic() - t
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.mark.parametrize("crashed", [True, False])
-def test_a_step_whose_worker_died_is_retried_at_once_an_outage_waits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crashed: bool
-) -> None:
-    monkeypatch.setattr(executor_module, "RETRY_BASE_S", 4.0)  # the backoff: 2-4 s before attempt 2
-    failure = Outcome(False, error="boom", retryable=True, crashed=crashed)
-    report, wall = run_with_one_failure(tmp_path, failure)
+def test_a_step_whose_worker_died_is_retried_at_once_an_outage_waits(tmp_path: Path, crashed: bool) -> None:
+    """Block 1 fails once at stage s1; the time of each of its submissions is noted."""
+    t = FakeTime()
+    sent: list[float] = []
+
+    class Noting(InlineBackend):
+        def submit(self, d: Dispatch, input_locations: tuple[str, ...] = ()) -> None:
+            if (d.step, d.block) == (1, 1):
+                sent.append(t.now)
+            super().submit(d, input_locations)
+
+    def fail(d: Dispatch) -> Outcome | None:
+        if (d.step, d.block) == (1, 1) and len(sent) == 1:
+            return Outcome(False, error="boom", retryable=True, crashed=crashed)
+        return None
+
+    plan = plan_of(tmp_path)
+    ex = Executor(plan, Sink(plan.manifest.sink, str(tmp_path / "out")), CacheSettings(root=str(tmp_path / "cache")),
+                  backend=Noting(rows_per_block=10, fail=fail, sleep=t.sleep), clock=t, draw=lambda: 0.0)
+    report = ex.run()
     s1 = next(s for s in report["stages"] if s["name"] == "s1")
-    assert s1["retries"] == 1 and report["rows_out"] == 40
-    if crashed:
-        assert wall < 2.0, "a step whose worker or node died waited out the outage backoff"
-    else:
-        assert wall >= 2.0, "a failure inside the step (an outage) was retried without backoff"
+    assert s1["retries"] == 1 and report["rows_out"] == 40 and len(sent) == 2
+    if crashed:  # its worker or node died: not an outage, the block goes again at once
+        assert sent[1] == sent[0]
+    else:  # a failure inside the step (an outage) waits out the backoff: 1 s before attempt 2
+        assert sent[1] - sent[0] == pytest.approx(1.0, abs=0.5)
+        assert sent[1] - sent[0] >= 1.0
 
 
 def test_a_block_committed_with_too_few_copies_is_copied_again(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import heapq
 import random
-import statistics
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from tierflow.cache.locations import REMOTE, lmdb_location
 from tierflow.engine.backend import Backend
 from tierflow.engine.ray_backend import RayBackend
 from tierflow.engine.journal import Journal
+from tierflow.engine.policy import RETRY, Cancel, Strikes, Watched, watch
 from tierflow.engine.progress import Progress, StepView, summary_table
 from tierflow.engine.telemetry import Telemetry
 from tierflow.engine.runners import Outcome
@@ -33,11 +34,7 @@ from tierflow.manifest import PythonStage
 from tierflow.plan import Plan, StagePlan
 
 DELETE_BATCH = 64
-SPECULATE_MIN_SAMPLES = 8  # finished blocks of a stage before its median means anything
-SPECULATE_MIN_S = 1.0  # never speculate on blocks that take less than this x the factor
 DURABLE_BUDGET_S = 300.0  # how long the end of a run waits for an unreachable durable store
-RETRY_BASE_S = 1.0  # backoff before the 2nd attempt; doubles per attempt, jittered
-RETRY_MAX_S = 15.0
 BLACKLIST_FAILURES = 3
 BLACKLIST_WINDOW_S = 120.0
 SINK_ATTEMPTS = 3  # tries per block at writing its sink part
@@ -67,6 +64,7 @@ class Executor:
         start_step: per block, the first step to run (from ``resume_points``).
         backend: what runs the steps.
         on_event: called with each :class:`~tierflow.events.Event`, on the driver's loop.
+        clock, draw: time and uniform [0, 1) draws (retry jitter), injected for tests.
     """
 
     plan: Plan
@@ -78,6 +76,8 @@ class Executor:
     start_step: list[int] | None = None
     backend: Backend = field(default_factory=lambda: RayBackend())
     on_event: Listener | None = None
+    clock: Callable[[], float] = time.monotonic
+    draw: Callable[[], float] = random.random
     views: list[StepView] = field(init=False)
     telemetry: Telemetry = field(init=False)  # timelines, faults, resources: report.json and metrics
     parts: dict[int, PartMeta] = field(init=False, default_factory=dict)
@@ -92,7 +92,7 @@ class Executor:
     _delayed: list[tuple[float, int, int, Dispatch, tuple[str, ...]]] = field(init=False, default_factory=list)
     _crashed: set[tuple[int, int]] = field(init=False, default_factory=set)  # retried at once
     _started: float = field(init=False, default=0.0)
-    _failures: dict[tuple[int, str], deque[float]] = field(init=False, default_factory=lambda: defaultdict(deque))
+    _strikes: Strikes = field(init=False, default_factory=lambda: Strikes(BLACKLIST_FAILURES, BLACKLIST_WINDOW_S))
     nodes_lost: list[dict[str, Any]] = field(init=False, default_factory=list)
     durable_catch_up: int = field(init=False, default=0)
 
@@ -108,7 +108,7 @@ class Executor:
         for first in self.start_step or ():
             for view in self.views[:first]:
                 view.reused += 1  # committed by an earlier run: read, not recomputed
-        started = self._started = time.monotonic()
+        started = self._started = self.clock()
         self.telemetry = Telemetry.for_plan(plan)
         progress = Progress(plan.manifest.name, self.views, self.progress_out) if self.progress_out else None
         backend = self.backend
@@ -169,7 +169,7 @@ class Executor:
             if progress:
                 progress.refresh(force=True)
                 progress.close()
-            elapsed = time.monotonic() - started
+            elapsed = self.clock() - started
             self.report = self._report(elapsed, error)
             if self.progress_out:
                 from rich.console import Console
@@ -181,7 +181,7 @@ class Executor:
         return self.report
 
     def _submit(self, actions: list[Action]) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for a in actions:
             view = self.views[a.step]
             inputs = self._locations.pop((a.step - 1, a.block), ()) if a.step else ()
@@ -198,7 +198,7 @@ class Executor:
                 # a retry waits a little: outages (Triton, a store) need time; a step whose
                 # worker or node died goes again at once, elsewhere (it is not an outage)
                 if (a.step, a.block) not in self._crashed:
-                    delay = min(RETRY_BASE_S * 2 ** (a.attempt - 2), RETRY_MAX_S) * (0.5 + random.random() / 2)
+                    delay = RETRY.delay_s(a.attempt - 1, self.draw())
                     heapq.heappush(self._delayed, (now + delay, a.step, a.block, a, inputs))
                     continue
             self._start(a, inputs, now)
@@ -209,42 +209,37 @@ class Executor:
 
     def _start_due(self) -> float:
         """Start the retries whose backoff is over; returns seconds until the next one."""
-        now = time.monotonic()
+        now = self.clock()
         while self._delayed and self._delayed[0][0] <= now:
             _, _, _, a, inputs = heapq.heappop(self._delayed)
             self._start(a, inputs, now)
         return self._delayed[0][0] - now if self._delayed else 0.5
 
     def _watch_running(self) -> None:
-        """Cancel attempts past their stage's ``block_timeout_s``; start a second copy of
-        blocks slower than ``speculate_after`` x their stage's median (first one wins) when
-        no block of that stage is waiting for a slot: on a busy machine every block looks
-        slow, and a copy would take the CPU the queue needs."""
-        now = time.monotonic()
+        """Carry out :func:`~tierflow.engine.policy.watch` (timeouts, speculation) on the
+        dispatches in flight, four times a second."""
+        now = self.clock()
         if now - self._watched_at < 0.25:
             return
         self._watched_at = now
         n = len(self.plan.stages)
-        for (step, _), run in list(self._running.items()):
-            if step == n:
-                continue
-            cfg = self.plan.stages[step].config
-            elapsed = now - run.started
-            if cfg.block_timeout_s is not None and elapsed > cfg.block_timeout_s:
+        watched = []
+        for (step, block), run in self._running.items():
+            if step < n and run.started != float("inf"):
+                cfg = self.plan.stages[step].config
+                watched.append(Watched((step, block), now - run.started, run.copies, cfg.block_timeout_s,
+                                       cfg.speculate_after, self.views[step].queued, self.backend.can_add(step)))
+        for instruction in watch(watched, self._durations):
+            run = self._running[instruction.key]
+            view = self.views[instruction.key[0]]
+            if isinstance(instruction, Cancel):
                 run.started = float("inf")  # cancelled: its failure comes back through wait()
-                self.views[step].timeouts += 1
-                self.backend.cancel(run.dispatch, f"timed out after {cfg.block_timeout_s} s (block_timeout_s)")
-                continue
-            durations = self._durations[step]
-            if (
-                cfg.speculate_after is not None and run.copies == 1 and len(durations) >= SPECULATE_MIN_SAMPLES
-                and elapsed > cfg.speculate_after * max(statistics.median(durations), SPECULATE_MIN_S)
-                and self.views[step].queued == 0  # a spare slot, not one a queued block needs
-                and self.backend.can_add(step)
-            ):
+                view.timeouts += 1
+                self.backend.cancel(run.dispatch, instruction.reason)
+            else:
                 run.copies = 2
-                self.views[step].speculated += 1
-                self.views[step].executions += 1
+                view.speculated += 1
+                view.executions += 1
                 self.backend.submit(run.dispatch, run.inputs)
 
     def _make_durable(self) -> None:
@@ -252,14 +247,14 @@ class Executor:
         backoff; fail the run (no ``_SUCCESS``) once ``DURABLE_BUDGET_S`` is spent."""
         if self.settings.remote_url is None:
             return
-        deadline = time.monotonic() + DURABLE_BUDGET_S
+        deadline = self.clock() + DURABLE_BUDGET_S
         delay = 1.0
         while True:
             try:
                 self.durable_catch_up = self.backend.flush(f"{self.plan.manifest.name}/")
                 return
             except TierUnavailable as exc:
-                if time.monotonic() + delay > deadline:
+                if self.clock() + delay > deadline:
                     raise TierflowError(
                         f"the durable store stayed unreachable for {DURABLE_BUDGET_S:.0f} s; blocks of this "
                         f"run are only on local disks, so it is not reported complete (re-run to finish): {exc}"
@@ -272,7 +267,7 @@ class Executor:
         bring the blocks still waiting for a reader back to ``replicas`` copies, so that
         the next lost node costs no recomputation either."""
         for node in self.backend.lost_nodes():
-            self.nodes_lost.append({"node": node, "at_s": round(time.monotonic() - self._started, 3)})
+            self.nodes_lost.append({"node": node, "at_s": round(self.clock() - self._started, 3)})
             self.telemetry.fault("node_lost", node)
             self._emit("node_lost", node=node)
             gone = lmdb_location(node)
@@ -302,12 +297,7 @@ class Executor:
     def _blame(self, step: int, node: str) -> None:
         """Exclude a node from a stage after BLACKLIST_FAILURES failures there within
         BLACKLIST_WINDOW_S (a bad disk, a broken driver, a poisoned cache)."""
-        now = time.monotonic()
-        times = self._failures[(step, node)]
-        times.append(now)
-        while times and now - times[0] > BLACKLIST_WINDOW_S:
-            times.popleft()
-        if len(times) >= BLACKLIST_FAILURES and node not in self.views[step].excluded_nodes:
+        if self._strikes.hit((step, node), self.clock()) and node not in self.views[step].excluded_nodes:
             if self.backend.exclude(step, node):
                 self.views[step].excluded_nodes.append(node)
 
@@ -363,7 +353,7 @@ class Executor:
 
     def _emit(self, kind: EventKind, **fields: object) -> None:
         if self.on_event is not None:
-            self.on_event(Event(kind, round(time.monotonic() - self._started, 3), **fields))  # type: ignore[arg-type]
+            self.on_event(Event(kind, round(self.clock() - self._started, 3), **fields))  # type: ignore[arg-type]
 
     def _rejected_rows(self) -> list[int]:
         """Per step, the rows set aside by ``skip_rows``, earlier runs' reused blocks included."""
@@ -385,7 +375,7 @@ class Executor:
             self._garbage = [] if ready else self._garbage
 
     def _sync_views(self, state: PipelineState) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for step, (view, c) in enumerate(zip(self.views, state.counters)):
             view.done, view.inflight, view.queued = c.done, c.inflight, c.queued
             view.reexecutions = c.reexecutions

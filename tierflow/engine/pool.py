@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from tierflow.engine.policy import Strikes
 from tierflow.errors import StageError, TierflowError
 from tierflow.plan import StagePlan
 
@@ -99,7 +100,7 @@ class ActorPool:
         self._spares: dict[Any, Any] = {}  # spare -> its ready() call (resolves to its node)
         self._cold: set[Any] = set()  # spares not yet sent a warm-up call
         self._placed: dict[Any, str] = {}  # actor or spare started mid-run -> the node it was sent to
-        self._strikes: dict[Any, deque[float]] = {}
+        self._strikes = Strikes(RETIRE_AFTER, RETIRE_WINDOW_S)
         self._where: dict[Any, str] = {}  # actor -> node, once known (constructed, or a block ran)
         self._starting: dict[Any, tuple[Any, float]] = {}  # actor started mid-run -> (ready() call, when)
         self._refill_at = 0.0
@@ -238,15 +239,10 @@ class ActorPool:
         if node:
             self._where[actor] = node
         now = self._clock()
-        if failed:
-            strikes = self._strikes.setdefault(actor, deque())
-            strikes.append(now)
-            while now - strikes[0] > RETIRE_WINDOW_S:
-                strikes.popleft()
-            if len(strikes) >= RETIRE_AFTER:
-                self.retired += 1
-                self.replace(actor)
-                return
+        if failed and self._strikes.hit(actor, now):
+            self.retired += 1
+            self.replace(actor)
+            return
         self._idle.append((actor, now))
 
     def replace(self, actor: Any) -> None:
@@ -279,7 +275,7 @@ class ActorPool:
         self.actors.remove(actor)
         self._starting.pop(actor, None)
         self._placed.pop(actor, None)
-        self._strikes.pop(actor, None)
+        self._strikes.forget(actor)
         self._where.pop(actor, None)
 
     def idle_actors(self) -> list[tuple[Any, str]]:
