@@ -30,3 +30,28 @@ def make_example(d: Path, rows: int = 500) -> Path:
     doc["triton"]["repository"] = str(ROOT / "triton_models")
     (d / "reviews.yaml").write_text(yaml.safe_dump(doc))
     return d
+
+
+def make_documents_example(d: Path, docs: int = 16, block_rows: int = 5) -> Path:
+    """A copy of the document example (``examples/documents.yaml``, its stage code and
+    ``docs`` generated documents) in ``d``; returns the manifest's path."""
+    import importlib.util
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    spec = importlib.util.spec_from_file_location("make_documents", ROOT / "examples" / "make_documents.py")
+    assert spec and spec.loader
+    make_documents = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_documents)
+
+    (d / "docs_data").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "document_stages.py", d)
+    table = make_documents.make_documents(docs, 0, np.random.default_rng(1))
+    pq.write_table(table, d / "docs_data" / "a.parquet")
+    doc = yaml.safe_load((ROOT / "examples" / "documents.yaml").read_text())
+    doc["source"]["block_rows"] = block_rows
+    doc["triton"]["repository"] = str(ROOT / "triton_models")
+    manifest = d / "documents.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    return manifest
