@@ -22,6 +22,7 @@ from tierflow.checks import check_manifest
 from tierflow.code import local_modules
 from tierflow.engine.executor import Executor
 from tierflow.engine.journal import Journal
+from tierflow.engine.ray_backend import RayBackend
 from tierflow.engine.resume import resume_points, sink_fingerprint
 from tierflow.errors import ModelError, TritonUnavailable
 from tierflow.events import Listener
@@ -42,20 +43,29 @@ RAY_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 30
 
 
 @contextlib.contextmanager
-def ray_session(manifest: Manifest, address: str | None) -> Iterator[None]:
+def ray_session(manifest: Manifest, address: str | None) -> Iterator[dict[str, Any] | None]:
     """Join ``address`` (CLI) or ``ray.address`` (manifest), else start an embedded Ray.
 
-    An already-initialised Ray (a test, a notebook) is used as it is and left running.
+    An already-initialised Ray (a test, a notebook) is used as it is and left running. Its
+    job did not ship the stage modules next to the manifest, and Ray uploads local modules
+    only at job level, so this yields the runtime environment that puts the manifest's
+    directory on the stages' path (None: the job has the modules): enough wherever the
+    workers see the driver's files (one machine, a shared file system); elsewhere pass
+    ``runtime_env={"py_modules": [...]}`` to ``ray.init``.
     """
+    targets = [s.target for s in manifest.stages if isinstance(s, PythonStage)]
     if ray.is_initialized():
-        yield
+        if not local_modules(targets, manifest.base_dir):
+            yield None
+            return
+        pythonpath = os.pathsep.join(p for p in (manifest.base_dir, os.environ.get("PYTHONPATH")) if p)
+        yield {"env_vars": {"PYTHONPATH": pythonpath}}
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
     target = address or manifest.ray.address
     if target:
         # The cluster's nodes may not have the stage code: ship the modules next to the
         # manifest (the very files the stage fingerprints were computed from).
-        targets = [s.target for s in manifest.stages if isinstance(s, PythonStage)]
         modules = local_modules(targets, manifest.base_dir)
         kwargs["address"] = target
         kwargs["runtime_env"] = {"py_modules": modules} if modules else {}
@@ -68,7 +78,7 @@ def ray_session(manifest: Manifest, address: str | None) -> Iterator[None]:
         kwargs["_system_config"] = RAY_SYSTEM_CONFIG
     ray.init(**kwargs)
     try:
-        yield
+        yield None
     finally:
         ray.shutdown()
 
@@ -165,7 +175,8 @@ def run_pipeline(
         journal.begin(manifest.name, len(plan.blocks), {s.name: s.fingerprint for s in plan.stages},
                       sink_fingerprint(plan))
         executor.start_step = resume_points(plan, journal, sink.existing_parts())
-        with ray_session(manifest, address), triton_endpoint(manifest) as url:
+        with ray_session(manifest, address) as stage_env, triton_endpoint(manifest) as url:
+            executor.backend = RayBackend(stage_env)
             executor.triton_url = url
             report = executor.run()
         state = "succeeded"

@@ -53,7 +53,8 @@ class RayBackend:
     """Function stages as Ray tasks; ``cls`` and Triton stages as actor pools; the sink as
     tasks. Only ``Outcome`` metadata comes back; data moves through the cache by key."""
 
-    def __init__(self) -> None:
+    def __init__(self, stage_env: dict[str, Any] | None = None) -> None:
+        self._stage_env = stage_env  # the runtime_env the stages' code needs, if the job's lacks it
         self._pools: dict[int, ActorPool] = {}
         self._watcher: NodeWatcher | None = None  # this run's nodes and cache servers
         self._pending: dict[Any, tuple[Dispatch, Any]] = {}
@@ -152,6 +153,8 @@ class RayBackend:
         """Resources, and where: on ``node`` (chosen by :meth:`_place`), else off the nodes
         excluded from the stage."""
         opts: dict[str, Any] = {"num_cpus": self._plan.stages[step].config.num_cpus}
+        if self._stage_env:
+            opts["runtime_env"] = self._stage_env
         if node:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         elif self._excluded.get(step):
