@@ -132,6 +132,20 @@ def test_memory_is_probed_on_its_own_interval_and_dropped_when_unavailable() -> 
     assert mem["t"] == [0.0, 5.0, 10.0] and mem["workers_rss"] == [3000] * 3 and mem["driver_rss"] == [700] * 3
     assert tel.latest["memory"]["workers"] == 3  # carried between probes
 
+    slow_calls: list[float] = []
+
+    def slow_probe() -> MemorySample:
+        slow_calls.append(clock.now)
+        clock.now += 0.1  # a probe that costs 100 ms: wait 10 s for the next one
+        return MemorySample(1, 1, 1, 1)
+
+    tel3, views = recorder(clock, memory=slow_probe, memory_interval_s=2.0)
+    start = clock.now
+    for _ in range(25):
+        tel3.sample(views)
+        clock.now += 1.0
+    assert [round(c - start, 1) for c in slow_calls] == [0.0, 10.1, 20.2]
+
     tel2, views = recorder(clock, memory=lambda: None)
     tel2.sample(views)
     clock.now += 10.0

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from tierflow.engine.runners import Outcome
     from tierflow.plan import Plan
 
-__all__ = ["MemorySample", "StepFigures", "StepResources", "Telemetry", "host_memory"]
+__all__ = ["FAULT_KINDS", "MemorySample", "StepFigures", "StepResources", "Telemetry", "host_memory"]
 
 SCHEMA_VERSION = 1
 
@@ -52,6 +52,8 @@ _FAULT_COUNTERS = (
     ("retries", "retry"), ("reexecutions", "reexecuted"), ("timeouts", "timeout"),
     ("dead_letters", "dead_letter"), ("retired_actors", "actor_retired"), ("spares_used", "spare_took_over"),
 )
+# Every fault kind recorded here (metrics export them from 0, so that rates work at once).
+FAULT_KINDS = ("node_lost", "rereplicated", "server_restarted", *(kind for _, kind in _FAULT_COUNTERS))
 
 
 class StepFigures(Protocol):
@@ -92,24 +94,34 @@ class MemorySample:
 
 
 def host_memory() -> MemorySample | None:
-    """RSS of this host's Ray workers and of this process; None without psutil.
+    """RSS of this run's Ray workers on this host and of this process; None without psutil.
 
-    Only the driver's host: Ray (without its dashboard) publishes no per-process figures
-    for other nodes, so on a multi-host cluster this is a partial view, labelled as such
-    in the report. ~5 ms for 100 processes, hence its own, slower interval.
+    The workers are the ``ray::...`` processes below this one (the embedded Ray's raylet
+    is its child), else, when it joined a cluster, every ``ray::`` process on this host
+    (which may serve other jobs too). Other hosts are not seen: Ray (without its
+    dashboard) publishes no per-process figures. ~5 ms for 100 processes, hence its own,
+    slower interval.
     """
     try:
         import psutil
     except ImportError:
         return None
-    total = count = largest = 0
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
-        cmd, mem = proc.info.get("cmdline"), proc.info.get("memory_info")
-        # Ray workers retitle themselves "ray::<task or actor>"; the raylet and GCS do not
-        if not cmd or mem is None or not cmd[0].startswith("ray::"):
-            continue
-        total, count, largest = total + mem.rss, count + 1, max(largest, mem.rss)
-    return MemorySample(total, count, largest, psutil.Process(os.getpid()).memory_info().rss)
+    me = psutil.Process(os.getpid())
+
+    def workers(procs: Iterable[psutil.Process]) -> list[int]:
+        found = []
+        for proc in procs:
+            try:
+                # Ray workers retitle themselves "ray::<task or actor>"; the raylet and GCS do not
+                cmd = proc.cmdline()
+                if cmd and cmd[0].startswith("ray::"):
+                    found.append(proc.memory_info().rss)
+            except psutil.Error:  # gone meanwhile, or not ours to read
+                continue
+        return found
+
+    rss = workers(me.children(recursive=True)) or workers(psutil.process_iter())
+    return MemorySample(sum(rss), len(rss), max(rss, default=0), me.memory_info().rss)
 
 
 @dataclass
@@ -160,7 +172,7 @@ class Telemetry:
         interval_s: float = 1.0,
         max_samples: int = 2000,
         memory: Callable[[], MemorySample | None] | None = host_memory,
-        memory_interval_s: float = 5.0,
+        memory_interval_s: float = 2.0,
         max_faults: int = 1000,
     ) -> None:
         self.pipeline = pipeline
@@ -337,8 +349,9 @@ class Telemetry:
     def _probe_memory(self, now: float, t: float, force: bool) -> dict[str, int] | None:
         if self._memory is None or not (force or now >= self._memory_at):
             return self.latest.get("memory")
-        self._memory_at = now + self._memory_interval
         got = self._memory()
+        # at most 1 % of the driver's time, however many processes the host has
+        self._memory_at = now + max(self._memory_interval, 100 * (self._clock() - now))
         if got is None:
             self._memory = None  # no probe here (psutil missing): stop asking
             return None
