@@ -101,6 +101,23 @@ def status(manifest: str) -> None:
     console.print(t)
 
 
+@main.command()
+@click.argument("source", metavar="MANIFEST|REPORT.json", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where the page goes (default: report.html next to the report).")
+def report(source: str, output: str | None) -> None:
+    """Render a run report as one self-contained HTML page (plots work offline)."""
+    from tierflow.report import find_report, load_report, write_html
+
+    with _exit_codes():
+        try:
+            data = load_report(source)
+            out = write_html(data, output or find_report(source).with_suffix(".html"))
+        except (OSError, ValueError) as exc:  # no report yet, unreadable, not JSON
+            _fail(exc, 1)
+    click.echo(f"{out}")
+
+
 @main.group()
 def cache() -> None:
     """Inspect and clean the block cache (this node's LMDB and the durable store)."""

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tierflow.engine.telemetry import FAULT_KINDS
 from tierflow.errors import TierflowError
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ class RunCollector(Collector):
                 written.add_metric([pipeline, step["name"], tier], nbytes)
         yield from (reads, writes, written)
         faults = CounterMetricFamily("tierflow_faults", "Faults by kind.", labels=["pipeline", "kind"])
-        for kind, n in sorted(latest.get("faults", {}).items()):
+        counts = {**dict.fromkeys(FAULT_KINDS, 0), **latest.get("faults", {})}
+        for kind, n in sorted(counts.items()):
             faults.add_metric([pipeline, kind], n)
         yield faults
         memory = latest.get("memory")
