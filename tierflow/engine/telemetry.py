@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from tierflow.engine.runners import Outcome
@@ -46,6 +46,26 @@ SCHEMA_VERSION = 1
 SOURCE, LOCAL, PEER, REMOTE, UNKNOWN = "source", "local", "peer", "remote", "unknown"
 # Where a committed step wrote: these and SINK (a part file).
 SINK = "sink"
+MEMO_MAX = 65536  # (node, locations) combinations remembered per classification
+
+_T = TypeVar("_T")
+
+
+def _read_tier(node: str, inputs: tuple[str, ...]) -> str:
+    """The tier of the nearest copy among ``inputs`` for a step that ran on ``node``."""
+    if not inputs:
+        return UNKNOWN
+    if f"lmdb:{node}" in inputs:  # location names: storage/FORMAT.md section 5
+        return LOCAL
+    return PEER if any(loc.startswith("lmdb:") for loc in inputs) else REMOTE
+
+
+def _write_kinds(node: str, locations: tuple[str, ...]) -> tuple[str, ...]:
+    """The tier of each copy in ``locations`` written by a step that ran on ``node``."""
+    local = f"lmdb:{node}"
+    return tuple(
+        (LOCAL if loc == local else PEER) if loc.startswith("lmdb:") else loc.partition(":")[0] for loc in locations
+    )
 
 # Counters of a step whose increase between two samples is recorded as a fault event.
 _FAULT_COUNTERS = (
@@ -193,8 +213,10 @@ class Telemetry:
         self._faults: list[dict[str, Any]] = []
         self._fault_counts: Counter[str] = Counter()
         self._seen: list[dict[str, int]] = [{} for _ in range(n)]  # counters at the last sample
-        self._reads: list[Counter[str]] = [Counter() for _ in range(n)]
-        self._writes: list[dict[str, list[int]]] = [{} for _ in range(n)]  # tier -> [count, bytes]
+        self._reads: list[dict[str, int]] = [{} for _ in range(n)]  # tier -> steps that read there
+        self._writes: list[dict[tuple[str, ...], list[int]]] = [{} for _ in range(n)]  # tiers -> [count, bytes]
+        self._tier_of: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._kinds_of: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._sink_step = n - 1
         self.latest: dict[str, Any] = {}
         self.closers: list[Callable[[], None]] = []  # run by finish() (the metrics server)
@@ -250,8 +272,8 @@ class Telemetry:
         memory = self._probe_memory(now, t, force)
         self.latest = {
             "t": t, "steps": steps, "memory": memory, "faults": dict(self._fault_counts),
-            "reads": [dict(c) for c in self._reads],
-            "writes": [{k: tuple(v) for k, v in w.items()} for w in self._writes],
+            "reads": [dict(r) for r in self._reads],
+            "writes": [{k: tuple(v) for k, v in self._write_totals(i).items()} for i in range(len(self.steps))],
         }
         return True
 
@@ -266,27 +288,45 @@ class Telemetry:
         need the worker's cache to report its hit with the outcome.
         Writes are exact: each copy in the output's locations, with its size.
         """
+        # Both classifications are memoised by (node, locations): the combinations are few
+        # (nodes x replica sets), the outcomes many (2.4M at 120k blocks x 20 stages).
         node = outcome.node
         if step == 0:
             tier = SOURCE
-        elif not inputs:
-            tier = UNKNOWN
-        elif f"lmdb:{node}" in inputs:  # location names: storage/FORMAT.md section 5
-            tier = LOCAL
-        elif any(loc.startswith("lmdb:") for loc in inputs):
-            tier = PEER
         else:
-            tier = REMOTE
-        self._reads[step][tier] += 1
-        meta, writes = outcome.meta, self._writes[step]
+            tier = self._tier_of.get((node, inputs)) or self._memo(self._tier_of, (node, inputs), _read_tier)
+        reads = self._reads[step]
+        reads[tier] = reads.get(tier, 0) + 1
+        meta = outcome.meta
         if step == self._sink_step:
-            self._add_write(writes, SINK, meta.bytes)
-            return
-        for loc in meta.locations:
-            kind = loc.partition(":")[0]
-            if kind == "lmdb":
-                kind = LOCAL if loc == f"lmdb:{node}" else PEER
-            self._add_write(writes, kind, meta.nbytes)
+            kinds, nbytes = (SINK,), meta.bytes
+        else:
+            key = (node, meta.locations)
+            kinds, nbytes = self._kinds_of.get(key) or self._memo(self._kinds_of, key, _write_kinds), meta.nbytes
+        entry = self._writes[step].get(kinds)
+        if entry is None:
+            self._writes[step][kinds] = [1, nbytes]
+        else:
+            entry[0] += 1
+            entry[1] += nbytes
+
+    @staticmethod
+    def _memo(memo: dict[tuple[str, tuple[str, ...]], _T], key: tuple[str, tuple[str, ...]],
+              fn: Callable[[str, tuple[str, ...]], _T]) -> _T:
+        value = fn(*key)
+        if len(memo) < MEMO_MAX:  # a bound for a cluster with very many nodes: then computed each time
+            memo[key] = value
+        return value
+
+    def _write_totals(self, step: int) -> dict[str, list[int]]:
+        """Per tier, [copies, bytes] written by ``step``."""
+        totals: dict[str, list[int]] = {}
+        for kinds, (count, nbytes) in self._writes[step].items():
+            for kind in kinds:
+                entry = totals.setdefault(kind, [0, 0])
+                entry[0] += count
+                entry[1] += nbytes
+        return totals
 
     def fault(self, kind: str, detail: str = "") -> None:
         """Record a fault (``node_lost``, ``server_restarted``, ``rereplicated``, ...) now."""
@@ -310,7 +350,7 @@ class Telemetry:
                 "name": res.name, "cpus_per_attempt": res.cpus, "gpus_per_attempt": res.gpus,
                 "t": series.t, **series.cols,
                 "reads": dict(sorted(self._reads[i].items())),
-                "writes": {k: {"count": c, "bytes": b} for k, (c, b) in sorted(self._writes[i].items())},
+                "writes": {k: {"count": c, "bytes": b} for k, (c, b) in sorted(self._write_totals(i).items())},
             })
         return {
             "version": SCHEMA_VERSION,
@@ -323,15 +363,6 @@ class Telemetry:
         }
 
     # -- internals ---------------------------------------------------------------------
-
-    @staticmethod
-    def _add_write(writes: dict[str, list[int]], tier: str, nbytes: int) -> None:
-        entry = writes.get(tier)
-        if entry is None:
-            writes[tier] = [1, nbytes]
-        else:
-            entry[0] += 1
-            entry[1] += nbytes
 
     def _note_counters(self, step: int, v: StepFigures, t: float) -> None:
         """Counters that rose since the last sample become fault events at this sample's
