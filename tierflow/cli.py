@@ -7,11 +7,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from tierflow.errors import ManifestError, TierflowError
+
+if TYPE_CHECKING:
+    from tierflow.triton.deploy import DeploySpec
 
 
 def _fail(exc: Exception, code: int) -> NoReturn:
@@ -186,7 +189,7 @@ def cache_gc(manifest: str | None, pipeline: str | None) -> None:
 
 @main.group()
 def triton() -> None:
-    """The Triton model repository."""
+    """The Triton model repository, and Triton servers deployed on the Ray cluster."""
 
 
 @triton.command()
@@ -202,6 +205,111 @@ def serve(repo: str, grpc_port: int, http_port: int, metrics_port: int | None, h
     with _exit_codes():
         code = serve_repo(Path(repo), grpc_port, http_port, metrics_port=metrics_port, host=host, echo=click.echo)
     sys.exit(code)
+
+
+
+_deploy_manifest = click.option(
+    "-m", "--manifest", type=click.Path(dir_okay=False, exists=True), required=True,
+    help="The manifest whose triton.deploy section names and describes the deployment.",
+)
+_deploy_address = click.option(
+    "--address", default=None,
+    help="Ray cluster to use (default: ray.address of the manifest, else 'auto': the local one).",
+)
+
+
+@contextmanager
+def _deployment_of(manifest: str, address: str | None) -> Iterator[DeploySpec]:
+    """Load MANIFEST, join its Ray cluster, and yield its deployment's spec.
+
+    A deployment that outlives this command needs a cluster that does too, so no embedded
+    Ray is started here: an already-initialised Ray (tests) is used as it is.
+    """
+    import ray
+
+    from tierflow.manifest import load_manifest
+    from tierflow.triton.deploy import DeploymentError, DeploySpec
+
+    m = load_manifest(manifest)
+    if m.triton.deploy is None:
+        raise ManifestError(manifest, [("triton.deploy", "missing: the manifest deploys no Triton servers")])
+    spec = DeploySpec.from_manifest(m)
+    if ray.is_initialized():
+        yield spec
+        return
+    target = address or m.ray.address or "auto"
+    try:
+        ray.init(address=target, logging_level="WARNING")
+    except (ConnectionError, RuntimeError) as exc:
+        raise DeploymentError(spec.name, f"no Ray cluster at {target!r} ({exc}); start one with 'ray start --head'") from exc
+    try:
+        yield spec
+    finally:
+        ray.shutdown()
+
+
+def _echo_deployment(status: dict[str, Any]) -> None:
+    servers = status["servers"]
+    ready = sum(s["state"] == "ready" for s in servers)
+    kind = "detached" if status["detached"] else "owned by a run"
+    click.echo(f"deployment {status['name']} ({kind}): {ready} of {len(servers)} server(s) ready")
+    for s in servers + status["ended"]:
+        gpus = f" CUDA_VISIBLE_DEVICES={s['cuda_visible_devices']}" if s["cuda_visible_devices"] is not None else ""
+        why = f" ({s['reason']})" if s["reason"] else ""
+        click.echo(f"  server {s['id']:>3} {s['state']:<8} node {s['node_id'][:12] or '-':<12} "
+                   f"{s['url'] or '-'} pid {s['pid'] or '-'}{gpus}{why}")
+    if status["waiting"]:
+        click.echo(f"  waiting: {status['waiting']}")
+
+
+@triton.command("deploy")
+@_deploy_manifest
+@_deploy_address
+def triton_deploy(manifest: str, address: str | None) -> None:
+    """Start MANIFEST's triton.deploy servers on the Ray cluster and leave them running.
+
+    The deployment outlives this command; a run whose manifest names the same deployment
+    uses these warm servers instead of starting its own. Stop it with 'undeploy'.
+    """
+    from tierflow.triton.deploy import start_deployment
+
+    with _exit_codes(), _deployment_of(manifest, address) as spec:
+        deployment = start_deployment(spec, detached=True)
+        _echo_deployment(deployment.status())
+
+
+@triton.command("status")
+@_deploy_manifest
+@_deploy_address
+@click.option("--json", "as_json", is_flag=True, help="The controller's status as JSON.")
+def triton_status(manifest: str, address: str | None, as_json: bool) -> None:
+    """Servers of MANIFEST's deployment: state, node, URL, GPUs (exit 1 if it is not running)."""
+    from tierflow.triton.deploy import DeploymentError, find_deployment
+
+    with _exit_codes(), _deployment_of(manifest, address) as spec:
+        deployment = find_deployment(spec.name)
+        if deployment is None:
+            raise DeploymentError(spec.name, "not running")
+        status = deployment.status()
+        if as_json:
+            click.echo(json.dumps(status, indent=1))
+        else:
+            _echo_deployment(status)
+
+
+@triton.command("undeploy")
+@_deploy_manifest
+@_deploy_address
+def triton_undeploy(manifest: str, address: str | None) -> None:
+    """Stop MANIFEST's deployment: every server, then its controller (exit 1 if not running)."""
+    from tierflow.triton.deploy import DeploymentError, find_deployment
+
+    with _exit_codes(), _deployment_of(manifest, address) as spec:
+        deployment = find_deployment(spec.name)
+        if deployment is None:
+            raise DeploymentError(spec.name, "not running")
+        deployment.stop()
+        click.echo(f"deployment {spec.name} stopped")
 
 
 if __name__ == "__main__":
