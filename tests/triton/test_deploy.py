@@ -315,6 +315,44 @@ def test_a_resource_no_node_has_fails_fast_naming_it(cluster: Any) -> None:
     assert find_deployment("nowhere") is None
 
 
+BROKEN_MODEL = """
+class TritonPythonModel:
+    def initialize(self, args):
+        raise ValueError("weights file mlp.safetensors is missing")
+
+    def execute(self, requests):
+        return []
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.triton
+def test_a_model_that_fails_to_load_is_named_with_tritons_reason(cluster: Any, tmp_path: Path) -> None:
+    """Each server that could not load the model is left out (its node too: the same files
+    fail there again); with none left, the deployment fails with Triton's own reason."""
+    import shutil
+
+    from tierflow.triton.deploy import find_deployment, start_deployment
+
+    _, workers, _ = cluster
+    repo = tmp_path / "models"
+    (repo / "broken" / "1").mkdir(parents=True)
+    config = (ROOT / "triton_models" / "mlp_classifier" / "config.pbtxt").read_text()
+    (repo / "broken" / "config.pbtxt").write_text(config.replace('name: "mlp_classifier"', 'name: "broken"'))
+    (repo / "broken" / "1" / "model.py").write_text(BROKEN_MODEL)
+    shutil.copytree(ROOT / "triton_models" / "mlp_classifier", repo / "mlp_classifier")
+    with pytest.raises(DeploymentError) as info:
+        start_deployment(DeploySpec("broken", str(repo), ("mlp_classifier", "broken"), replicas=1,
+                                    resources={"triton_node": 1}, num_cpus=0, startup_timeout_s=60))
+    message = str(info.value)
+    assert "model 'broken': failed to load" in message and "weights file mlp.safetensors is missing" in message
+    # one try per node, then each node is left out
+    assert "server 1: " in message and "server 2: " in message and "server 3: " not in message, message
+    assert "left out after failed starts" in message
+    assert all(w.node_id[:12] in message for w in workers)
+    assert find_deployment("broken") is None
+
+
 @pytest.mark.ray
 @pytest.mark.triton
 def test_cli_deployment_lands_on_resource_nodes_and_a_run_reuses_it(

@@ -85,7 +85,7 @@ _WATCH_INTERVAL_S = 0.25
 _PING_INTERVAL_S = 1.0
 #: ...and is declared lost when the answer takes longer than this (a hung actor or node).
 _PING_TIMEOUT_S = 10.0
-#: Failed starts (a model did not load, the process died) on one node before it is left out.
+#: Failed starts on one node before it is left out (a model that failed to load: at once).
 _MAX_START_FAILURES = 2
 #: Servers that ended (lost, failed, stopped) kept in ``status()``.
 _HISTORY = 32
@@ -483,7 +483,9 @@ class DeploymentController:
             while True:
                 settling = any(s.state in ("pending", "starting") for s in self._servers)
                 ready = [s for s in self._servers if s.state == "ready"]
-                hopeless = not settling and not ready and bool(self._waiting or self._ended)
+                # Hopeless once the watcher found no node left to try (``_waiting``); between
+                # a failure and its replacement nothing is settling either, but that is not it.
+                hopeless = not settling and not ready and bool(self._waiting)
                 if (not settling and ready) or hopeless or time.monotonic() >= deadline:
                     break
                 self._lock.wait(_WATCH_INTERVAL_S)
@@ -492,10 +494,10 @@ class DeploymentController:
             reasons = [f"server {s.id}: {s.reason}" for s in self._ended if s.reason]
             if self._waiting:
                 reasons.insert(0, self._waiting)
+            when = "no node left to try" if hopeless else f"none within {timeout_s:g}s"
             raise DeploymentError(
                 self._spec.name,
-                "no server became ready within "
-                f"{timeout_s:g}s" + (":\n" + "\n".join(reasons) if reasons else ""),
+                f"no server became ready ({when})" + (":\n" + "\n".join(reasons) if reasons else ""),
             )
 
     def stop(self) -> None:
@@ -560,14 +562,14 @@ class DeploymentController:
         _log.info("Triton deployment %s: starting server %d on node %s", spec.name, self._next_id, node[:12])
         return _Server(id=self._next_id, actor=actor, target=node, created=now, node_ref=actor.node.remote())
 
-    def _end(self, s: _Server, state: ServerState, reason: str) -> None:
+    def _end(self, s: _Server, state: ServerState, reason: str, strikes: int = 1) -> None:
         with self._lock:
             s.state, s.reason = state, reason
             if s in self._servers:
                 self._servers.remove(s)
             self._ended.append(s)
             if state == "failed" and s.node_id:
-                self._failures[s.node_id] += 1
+                self._failures[s.node_id] += strikes
             self._lock.notify_all()
         (_log.warning if state in ("failed", "lost") else _log.info)(
             "Triton deployment %s: server %d %s: %s", self._spec.name, s.id, state, reason
@@ -611,7 +613,9 @@ class DeploymentController:
             except Exception as exc:  # noqa: BLE001 - reported with the failed server
                 cause = _cause(exc)
                 why = str(cause) if isinstance(cause, InferenceError) else f"{type(cause).__name__}: {cause}"
-                self._end(s, "failed", why)
+                # A model that did not load will not load on that node next time either (same
+                # files, same node): leave the node out at once rather than retry it.
+                self._end(s, "failed", why, _MAX_START_FAILURES if isinstance(cause, ModelError) else 1)
                 return
             with self._lock:
                 s.info, s.state, s.ping_last = info, "ready", now
