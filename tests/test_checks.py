@@ -92,7 +92,7 @@ def test_column_nobody_produces(example_dir: Path) -> None:
 
 def test_triton_stage_needs_a_server(example_dir: Path) -> None:
     p = edit(example_dir, lambda d: d.update(triton={}))
-    assert ("triton", "the pipeline has Triton stages: set triton.url or triton.launch: true") in problems(p)
+    assert ("triton", "the pipeline has Triton stages: set triton.url, triton.launch: true or triton.deploy") in problems(p)
 
 
 def test_missing_source(example_dir: Path) -> None:

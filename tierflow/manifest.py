@@ -261,8 +261,9 @@ class TritonConfig(_Model):
     def _url_or_launch(self) -> TritonConfig:
         given = [k for k, on in (("url", self.url), ("launch", self.launch), ("deploy", self.deploy)) if on]
         if len(given) > 1:
+            both = "both " if len(given) == 2 else ""
             raise ValueError(
-                f"give one of 'url' (existing servers), 'launch: true' or 'deploy', not {' and '.join(given)}"
+                f"give one of 'url' (existing servers), 'launch: true' or 'deploy', not {both}{' and '.join(given)}"
             )
         return self
 

@@ -188,8 +188,8 @@ def test_manifest_deploy_section_is_exclusive_and_checked() -> None:
             parse_manifest({**base, "triton": triton})
         return str(info.value)
 
-    assert "not url and deploy" in problems({"url": "h:1", "deploy": {"num_gpus": 1}})
-    assert "not launch and deploy" in problems({"launch": True, "deploy": {}})
+    assert "not both url and deploy" in problems({"url": "h:1", "deploy": {"num_gpus": 1}})
+    assert "not both launch and deploy" in problems({"launch": True, "deploy": {}})
     assert "per_node needs 'resources' or 'num_gpus'" in problems({"deploy": {"replicas": "per_node"}})
     assert "replicas must be a positive integer or 'per_node', got 0" in problems({"deploy": {"replicas": 0}})
     assert "num_gpus / num_cpus" in problems({"deploy": {"resources": {"GPU": 1}}})
