@@ -381,6 +381,25 @@ def test_cli_deployment_lands_on_resource_nodes_and_a_run_reuses_it(
     servers = before["servers"]
     assert sorted(s["node_id"] for s in servers) == sorted(w.node_id for w in workers)
 
+    # A Triton stage's client, built on a worker from a stale URL list, takes the
+    # deployment's endpoints at once and prefers the server on its own node.
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def client_view(path: str) -> list[tuple[str, bool]]:
+        from tierflow.engine.runners import make_transform
+        from tierflow.manifest import TritonStage, load_manifest
+
+        m = load_manifest(path)
+        stage = next(s for s in m.stages if isinstance(s, TritonStage))
+        transform = make_transform([stage], DeployedEndpoints(["127.0.0.1:9"], "warm"))
+        return [(e.url, e.preferred) for e in transform.__self__.endpoint_stats()]  # type: ignore[attr-defined]
+
+    here = NodeAffinitySchedulingStrategy(workers[1].node_id, soft=False)
+    seen = ray.get(ray.remote(client_view).options(num_cpus=0, scheduling_strategy=here).remote(str(manifest)))
+    local = next(s["url"] for s in servers if s["node_id"] == workers[1].node_id)
+    assert sorted(seen) == sorted((s["url"], s["url"] == local) for s in servers)
+
     caplog.set_level(logging.INFO, logger="tierflow.triton.deploy")
     report = run_pipeline(manifest, progress_out=None)
     assert report["rows_out"] == ROWS
