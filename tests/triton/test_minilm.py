@@ -35,6 +35,7 @@ def minilm(reference: Callable[[str], ModuleType]) -> ModuleType:
 
 
 def _put(done: queue.Queue[tuple[int, Any, Any]], i: int, result: Any, error: Any) -> None:
+    # tritonclient calls back with keywords: the names must be result and error.
     done.put((i, result, error))
 
 
