@@ -1,14 +1,15 @@
 """all-MiniLM-L6-v2 (``triton_models/minilm``): the pretrained model, in process and served.
 
 The similarity values are the ones sentence-transformers documents for this model
-(PyTorch); a NumPy forward pass with a wrong weight layout, GELU, mask or pooling misses them
-by far more than the tolerance.
+(PyTorch); a forward pass with a wrong weight layout, mask, pooling or activation misses
+them by far more than the tolerance (ReLU for GELU: 0.858 for the first pair).
 """
 
 from __future__ import annotations
 
 import functools
 import queue
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +19,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tierflow.errors import ModelError
 from tierflow.triton.server import TritonServer
+
+TRITON_MODELS = Path(__file__).resolve().parents[2] / "triton_models"
 
 # (a, b, cosine) from the sentence-transformers documentation for all-MiniLM-L6-v2.
 DOCUMENTED = [
@@ -122,3 +126,42 @@ def test_concurrent_requests_merged_by_the_server_keep_their_rows(
     for i, texts in enumerate(requests):
         emb = results[i]
         np.testing.assert_allclose(emb, minilm.forward(texts)["EMBEDDING"], atol=1e-5)
+
+
+def _repo_with_model_dir(tmp_path: Path, model_dir: Path) -> Path:
+    """A repository whose ``minilm`` reads its files from ``model_dir`` (config parameter)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(TRITON_MODELS / "minilm", repo / "minilm", ignore=shutil.ignore_patterns("__pycache__"))
+    config = repo / "minilm" / "config.pbtxt"
+    param = f'parameters {{ key: "model_dir" value {{ string_value: "{model_dir}" }} }}\n'
+    config.write_text(config.read_text() + param)
+    return repo
+
+
+@pytest.mark.triton
+def test_model_dir_parameter_serves_files_from_elsewhere(tmp_path: Path, minilm: ModuleType) -> None:
+    elsewhere = tmp_path / "all-MiniLM-L6-v2"
+    elsewhere.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (elsewhere / name).symlink_to(minilm.default_model_dir() / name)
+    with TritonServer(_repo_with_model_dir(tmp_path, elsewhere), startup_timeout_s=120) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            texts = _texts(*DOCUMENTED[0][:2])
+            inp = grpcclient.InferInput("TEXT", list(texts.shape), "BYTES")
+            inp.set_data_from_numpy(texts)
+            emb = client.infer("minilm", [inp]).as_numpy("EMBEDDING")
+        finally:
+            client.close()
+    np.testing.assert_allclose(emb, minilm.forward(texts)["EMBEDDING"], atol=1e-5)
+
+
+@pytest.mark.triton
+def test_missing_weights_fail_the_load_with_the_reason(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = TritonServer(_repo_with_model_dir(tmp_path, empty), startup_timeout_s=120)
+    with pytest.raises(ModelError) as info:
+        server.start()
+    assert info.value.model == "minilm"
+    assert f"no model.safetensors in {empty}" in info.value.reason
