@@ -10,6 +10,7 @@ from tierflow.api import RunReport, StageReport, run, status, validate
 from tierflow.errors import (
     CacheError,
     CorruptObject,
+    DeploymentError,
     InferenceError,
     InvalidKey,
     ManifestError,
@@ -30,6 +31,7 @@ from tierflow.pipeline_status import PipelineStatus
 __all__ = [
     "CacheError",
     "CorruptObject",
+    "DeploymentError",
     "Event",
     "InferenceError",
     "InvalidKey",

@@ -228,7 +228,8 @@ def _deployment_of(manifest: str, address: str | None) -> Iterator[DeploySpec]:
     import ray
 
     from tierflow.manifest import load_manifest
-    from tierflow.triton.deploy import DeploymentError, DeploySpec
+    from tierflow.errors import DeploymentError
+    from tierflow.triton.deploy import DeploySpec
 
     m = load_manifest(manifest)
     if m.triton.deploy is None:
@@ -284,7 +285,8 @@ def triton_deploy(manifest: str, address: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The controller's status as JSON.")
 def triton_status(manifest: str, address: str | None, as_json: bool) -> None:
     """Servers of MANIFEST's deployment: state, node, URL, GPUs (exit 1 if it is not running)."""
-    from tierflow.triton.deploy import DeploymentError, find_deployment
+    from tierflow.errors import DeploymentError
+    from tierflow.triton.deploy import find_deployment
 
     with _exit_codes(), _deployment_of(manifest, address) as spec:
         deployment = find_deployment(spec.name)
@@ -302,7 +304,8 @@ def triton_status(manifest: str, address: str | None, as_json: bool) -> None:
 @_deploy_address
 def triton_undeploy(manifest: str, address: str | None) -> None:
     """Stop MANIFEST's deployment: every server, then its controller (exit 1 if not running)."""
-    from tierflow.triton.deploy import DeploymentError, find_deployment
+    from tierflow.errors import DeploymentError
+    from tierflow.triton.deploy import find_deployment
 
     with _exit_codes(), _deployment_of(manifest, address) as spec:
         deployment = find_deployment(spec.name)

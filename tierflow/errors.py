@@ -11,7 +11,8 @@
     │   └── ReplicaLost        every copy of a committed block is gone
     ├── InferenceError
     │   ├── TritonUnavailable  server unreachable, UNAVAILABLE, deadline      (retryable)
-    │   └── ModelError         model missing/not ready, bad tensor name/dtype/shape
+    │   ├── ModelError         model missing/not ready, bad tensor name/dtype/shape
+    │   └── DeploymentError    tierflow's Triton servers on the cluster could not be brought up
     ├── StageError             user code failed; has .stage, .block, __cause__
     ├── SinkError              output exists (mode: error), or a part could not be committed
     ├── StoreError             the source's, sink's or journal's store failed  (retryable)
@@ -123,6 +124,21 @@ class ModelError(InferenceError):
         self.model = model
         self.reason = reason
         super().__init__(f"model {model!r}: {reason}")
+
+
+class DeploymentError(InferenceError):
+    """A Triton deployment could not be brought up, found, or reused.
+
+    Raised when no node holds the requested resources, no server became ready in time (the
+    message names the resources and the nodes looked at, or Triton's reason for a model
+    that failed to load), or a reused deployment does not serve what the run needs.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self._init_args = (name, reason)
+        self.name = name
+        self.reason = reason
+        super().__init__(f"Triton deployment {name!r}: {reason}")
 
 
 class StageError(TierflowError):

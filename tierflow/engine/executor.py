@@ -24,6 +24,7 @@ from tierflow.engine.journal import Journal
 from tierflow.engine.policy import RETRY, Cancel, Strikes, Watched, watch
 from tierflow.engine.progress import Progress, StepView, summary_table
 from tierflow.engine.telemetry import Telemetry
+from tierflow.metrics import serve_metrics
 from tierflow.engine.runners import Outcome
 from tierflow.engine.state import Action, Completed, DeadLetter, Dispatch, Failed, PipelineState
 from tierflow.errors import StageError, TierflowError, TierUnavailable
@@ -110,6 +111,11 @@ class Executor:
                 view.reused += 1  # committed by an earlier run: read, not recomputed
         started = self._started = self.clock()
         self.telemetry = Telemetry.for_plan(plan)
+        metrics = plan.manifest.metrics
+        if metrics.port is not None:
+            server = serve_metrics(self.telemetry, metrics.port, metrics.host)
+            self.telemetry.closers.append(server.close)
+            self.telemetry.metrics_port = server.port
         progress = Progress(plan.manifest.name, self.views, self.progress_out) if self.progress_out else None
         backend = self.backend
         error: BaseException | None = None

@@ -224,23 +224,15 @@ class Telemetry:
 
     @classmethod
     def for_plan(cls, plan: Plan, **kwargs: Any) -> Telemetry:
-        """A recorder for ``plan``'s stages and sink; serves metrics when the manifest
-        says ``metrics: {port: N}``."""
+        """A recorder for ``plan``'s stages and sink (``tierflow.metrics`` serves it when
+        the manifest says ``metrics: {port: N}``)."""
         from tierflow.engine.backend import SINK_CPUS
 
         steps = [
             StepResources(s.name, s.config.num_cpus, float(getattr(s.config, "num_gpus", 0.0)))
             for s in plan.stages
         ]
-        telemetry = cls(plan.manifest.name, [*steps, StepResources(SINK, SINK_CPUS)], **kwargs)
-        metrics = getattr(plan.manifest, "metrics", None)
-        if metrics is not None and metrics.port is not None:
-            from tierflow.metrics import serve_metrics
-
-            server = serve_metrics(telemetry, metrics.port, metrics.host)
-            telemetry.closers.append(server.close)
-            telemetry.metrics_port = server.port
-        return telemetry
+        return cls(plan.manifest.name, [*steps, StepResources(SINK, SINK_CPUS)], **kwargs)
 
     # -- what the executor calls -------------------------------------------------------
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tierflow.errors import InferenceError, ModelError
+from tierflow.errors import DeploymentError, InferenceError, ModelError
 from tierflow.triton.repository import list_models
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ __all__ = [
     "NAMESPACE",
     "DeployedEndpoints",
     "Deployment",
-    "DeploymentError",
     "DeploySpec",
     "EndpointFollower",
     "NodeView",
@@ -93,21 +92,6 @@ _HISTORY = 32
 #: asks when every endpoint is failing.
 FOLLOW_INTERVAL_S = 2.0
 _FOLLOW_MIN_GAP_S = 0.5
-
-
-class DeploymentError(InferenceError):
-    """A Triton deployment could not be brought up, found, or reused.
-
-    Raised when no node holds the requested resources, no server became ready in time (the
-    message names the resources and the nodes looked at, or Triton's reason for a model
-    that failed to load), or a reused deployment does not serve what the run needs.
-    """
-
-    def __init__(self, name: str, reason: str) -> None:
-        self._init_args = (name, reason)
-        self.name = name
-        self.reason = reason
-        super().__init__(f"Triton deployment {name!r}: {reason}")
 
 
 # --------------------------------------------------------------------------- the spec
