@@ -86,7 +86,7 @@ class RunReport:
         known = {f.name for f in dataclasses.fields(cls)} - {"stages", "nodes_lost", "extra"}
         stage_fields = {f.name for f in dataclasses.fields(StageReport)}
         stages = tuple(
-            StageReport(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items() if k in stage_fields})
+            StageReport(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items() if k in stage_fields})  # type: ignore[arg-type]
             for s in doc.get("stages", ())
         )
         return cls(

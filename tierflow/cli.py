@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,7 +241,7 @@ def _deployment_of(manifest: str, address: str | None) -> Iterator[DeploySpec]:
         return
     target = address or m.ray.address or "auto"
     try:
-        ray.init(address=target, logging_level="WARNING")
+        ray.init(address=target, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError) as exc:
         raise DeploymentError(spec.name, f"no Ray cluster at {target!r} ({exc}); start one with 'ray start --head'") from exc
     try:

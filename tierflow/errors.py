@@ -37,7 +37,7 @@ class TierflowError(Exception):
     retryable: ClassVar[bool] = False
     _init_args: tuple[object, ...] | None = None
 
-    def __reduce__(self) -> tuple[object, ...]:
+    def __reduce__(self) -> str | tuple[object, ...]:
         if self._init_args is None:
             return super().__reduce__()
         return (type(self), self._init_args)

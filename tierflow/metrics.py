@@ -116,7 +116,7 @@ class RunCollector(Collector):
             yield _gauge("tierflow_run_elapsed_seconds", "Seconds since the run started.", pipeline, latest["t"])
 
 
-def _family(name: str, doc: str, counter: bool, labels: list[str]) -> Metric:
+def _family(name: str, doc: str, counter: bool, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
     # prometheus_client appends "_total" to counter families itself
     return CounterMetricFamily(name, doc, labels=labels) if counter else GaugeMetricFamily(name, doc, labels=labels)
 

@@ -284,10 +284,10 @@ class Executor:
                 self._locations[(step, block)] = left
                 self._top_up(step, block, left)
         for step, block, added in self.backend.new_copies():
-            locs = self._locations.get((step, block))
-            if locs is None:
+            held = self._locations.get((step, block))
+            if held is None:
                 continue  # read (and maybe deleted) meanwhile
-            self._locations[(step, block)] = locs + added
+            self._locations[(step, block)] = held + added
             self.views[step].rereplicated += 1
             self.telemetry.fault("rereplicated", f"{self.views[step].name} block {block}")
             if self.journal is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict, deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tierflow.triton.endpoints import RetryPolicy
@@ -73,7 +73,7 @@ class Speculate:
     key: tuple[int, int]
 
 
-def watch(running: Iterable[Watched], durations: dict[int, Sequence[float]]) -> list[Cancel | Speculate]:
+def watch(running: Iterable[Watched], durations: Mapping[int, Sequence[float]]) -> list[Cancel | Speculate]:
     """Cancel attempts past their stage's timeout; start a second copy of a block slower
     than ``speculate_after`` x its stage's median (``durations``: recent block times per
     step; the first copy to finish wins) when no block of that stage waits for a slot: on

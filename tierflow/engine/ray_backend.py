@@ -9,6 +9,7 @@ module submits, waits, cancels, flushes and deletes.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Collection
 from typing import Any
@@ -40,7 +41,7 @@ from tierflow.engine.state import Dispatch
 from tierflow.errors import TierflowError
 from tierflow.io.sink import Sink
 from tierflow.manifest import PythonStage
-from tierflow.plan import Plan
+from tierflow.plan import Plan, StagePlan
 
 __all__ = ["RayBackend"]
 
@@ -77,12 +78,10 @@ class RayBackend:
                 continue
             self._pools[s.index] = ActorPool(
                 s,
-                lambda node, s=s: StageActor.options(**self._options(s.index, node)).remote(  # type: ignore[attr-defined]
-                    s.chain, triton_url, settings
-                ),
+                functools.partial(self._start_actor, s, triton_url),
                 *s.config.concurrency_range,
                 standby=s.config.standby,
-                place=lambda cpus, avoid, s=s: self._place(s.index, cpus, avoid),
+                place=functools.partial(self._place, s.index),
             )
         tasks = [s.config.num_cpus for s in plan.stages if s.index not in self._pools]
         self._task_cpus = max([SINK_CPUS, *tasks])  # what one task step needs, kept free of spares
@@ -91,6 +90,11 @@ class RayBackend:
         for pool in self._pools.values():
             pool.wait_ready(ACTOR_START_TIMEOUT_S)
         return stage_limits(plan)
+
+    def _start_actor(self, s: StagePlan, triton_url: str | tuple[str, ...] | None, node: str | None) -> Any:
+        return StageActor.options(**self._options(s.index, node)).remote(  # type: ignore[attr-defined]
+            s.chain, triton_url, self._settings
+        )
 
     def _io(self, step: int, block: int, input_locations: tuple[str, ...]) -> StepIO:
         plan, n = self._plan, len(self._plan.stages)
@@ -122,7 +126,7 @@ class RayBackend:
             else:
                 chain = plan.stages[d.step].chain
                 opts = {**self._options(d.step), **self._near(d.step, input_locations)}
-                ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)
+                ref = run_task.options(**opts).remote(chain, src, io, self._settings_ref)  # type: ignore[arg-type]
         self._pending[ref] = (d, actor)
 
     @property

@@ -290,6 +290,7 @@ class Telemetry:
         reads = self._reads[step]
         reads[tier] = reads.get(tier, 0) + 1
         meta = outcome.meta
+        kinds: tuple[str, ...]
         if step == self._sink_step:
             kinds, nbytes = (SINK,), meta.bytes
         else:

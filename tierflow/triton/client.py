@@ -405,7 +405,8 @@ class TritonStageClient:
                         )
                 except InferenceError as exc:
                     ready = False
-                    last = f"{ep.url}: {exc.reason}" if len(self.urls) > 1 else exc.reason
+                    reason = getattr(exc, "reason", str(exc))
+                    last = f"{ep.url}: {reason}" if len(self.urls) > 1 else reason
                 if ready:
                     _log.info("Triton endpoint %s reports %s ready", ep.url, self.model)
                     self._pool.readmit(ep)

@@ -406,7 +406,7 @@ def _cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)  # type: ignore[call-overload]
 class DeploymentController:
     """Owns a deployment's server actors; a watcher thread keeps the wanted number ready.
 
