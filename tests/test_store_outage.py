@@ -87,7 +87,12 @@ def test_outage_mid_run_is_caught_up_before_success(tmp_path: Path, monkeypatch:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         server.stop()  # the store goes away while stage a is writing its checkpoints
+        at_outage = lines(log)
         time.sleep(4)
+        # The outage overlapped the run: blocks ran while the store was down, and the run
+        # was still going when it came back (else this test would test nothing).
+        assert lines(log) > at_outage, "no block ran during the outage"
+        assert proc.poll() is None, "the run ended before the store came back"  # (it waits for it to finish)
         server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         out, err = proc.communicate(timeout=300)
