@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,4 +321,7 @@ def test_each_run_replicates_into_its_own_cache_dir_and_stops_its_servers(cluste
     run("one")
     run("two")
     assert keys("one", "two") == []  # nothing of the second run in the first run's environments
-    assert len(keys("two", "two")) == 2 * 4, keys("two", "two")  # 4 blocks of stage s, each on its writer and a peer
+    # 4 blocks of stage s, each on its writer and a peer (a third copy when the driver topped
+    # up a block whose peer write failed under load: never fewer)
+    copies = Counter(keys("two", "two"))
+    assert len(copies) == 4 and all(n >= 2 for n in copies.values()), copies
