@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
@@ -11,17 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "reviews.yaml"
 
 
+def load_module(path: Path, name: str) -> ModuleType:
+    """Import the file ``path`` as module ``name`` (an example script, a Triton model.py)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_example(d: Path, rows: int = 500) -> Path:
     """A copy of the example (manifest, stage code, some data) in ``d``."""
-    import importlib.util
-
     import numpy as np
     import pyarrow.parquet as pq
 
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "examples" / "make_data.py")
-    assert spec and spec.loader
-    make_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_data)
+    make_data = load_module(ROOT / "examples" / "make_data.py", "make_data")
 
     (d / "data").mkdir(parents=True)
     shutil.copy(ROOT / "examples" / "review_stages.py", d)
@@ -35,15 +41,10 @@ def make_example(d: Path, rows: int = 500) -> Path:
 def make_documents_example(d: Path, docs: int = 16, block_rows: int = 5) -> Path:
     """A copy of the document example (``examples/documents.yaml``, its stage code and
     ``docs`` generated documents) in ``d``; returns the manifest's path."""
-    import importlib.util
-
     import numpy as np
     import pyarrow.parquet as pq
 
-    spec = importlib.util.spec_from_file_location("make_documents", ROOT / "examples" / "make_documents.py")
-    assert spec and spec.loader
-    make_documents = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_documents)
+    make_documents = load_module(ROOT / "examples" / "make_documents.py", "make_documents")
 
     (d / "docs_data").mkdir(parents=True)
     shutil.copy(ROOT / "examples" / "document_stages.py", d)

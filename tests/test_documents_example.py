@@ -8,7 +8,6 @@ oracle is the same stage code and the model's NumPy forward pass in this process
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,14 +22,9 @@ import pytest
 import yaml
 
 from example_copy import ROOT, make_documents_example
+from example_copy import load_module as _load
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

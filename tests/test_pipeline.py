@@ -6,14 +6,12 @@ models' own NumPy code: the pipeline's output must hold exactly those rows and v
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
@@ -22,15 +20,8 @@ import pytest
 import yaml
 
 from example_copy import ROOT, make_example
+from example_copy import load_module as load
 pytestmark = [pytest.mark.ray, pytest.mark.triton]
-
-
-def load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def reference(example: Path) -> pa.Table:
