@@ -233,8 +233,9 @@ class Executor:
         for (step, block), run in self._running.items():
             if step < n and run.started != float("inf"):
                 cfg = self.plan.stages[step].config
+                room = cfg.speculate_after is not None and self.backend.can_add(step)  # asked only when it matters
                 watched.append(Watched((step, block), now - run.started, run.copies, cfg.block_timeout_s,
-                                       cfg.speculate_after, self.views[step].queued, self.backend.can_add(step)))
+                                       cfg.speculate_after, self.views[step].queued, room))
         for instruction in watch(watched, self._durations):
             run = self._running[instruction.key]
             view = self.views[instruction.key[0]]
