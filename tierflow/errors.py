@@ -19,7 +19,7 @@
     └── PipelineBusy           another live driver holds the pipeline's lease (its journal)
 
 Errors from third-party libraries (tritonclient, fsspec, lmdb) are translated into this
-tree at the edges only (``tierflow.triton.client``, ``tierflow.cache.base.tier_errors``
+tree at the edges only (``tierflow.triton.errors``, ``tierflow.cache.base.tier_errors``
 for the cache tiers, ``tierflow.io.fs.fs_errors`` for the other stores), with
 ``raise ... from exc`` so the original stays attached.
 """

@@ -24,8 +24,9 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from tierflow.errors import InferenceError, ModelError, TritonUnavailable
-from tierflow.triton.client import STATUS_ERRORS, TritonStageClient, map_triton_errors
+from tierflow.triton.client import TritonStageClient
 from tierflow.triton.endpoints import EndpointStats, RetryPolicy
+from tierflow.triton.errors import STATUS_ERRORS, map_triton_errors
 
 REPO = Path(__file__).resolve().parents[2] / "triton_models"
 URL = "fake:8001"

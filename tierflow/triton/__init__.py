@@ -2,8 +2,9 @@
 
 * :mod:`~tierflow.triton.repository` reads ``triton_models/`` (specs, digests) offline.
 * :mod:`~tierflow.triton.server` runs the ``tritonserver`` bundled in ``nvidia-pytriton``.
-* :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC; the one
-  place ``tritonclient`` errors become tierflow errors.
+* :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC.
+* :mod:`~tierflow.triton.errors` is the one place ``tritonclient`` errors become tierflow
+  errors.
 * :mod:`~tierflow.triton.endpoints` balances calls over one or more servers, takes a
   failing one out of rotation, and holds the retry policy.
 * :mod:`~tierflow.triton.convert` turns Arrow columns into tensors and back.
@@ -11,8 +12,9 @@
 
 from __future__ import annotations
 
-from tierflow.triton.client import STATUS_ERRORS, TritonStageClient, map_triton_errors
+from tierflow.triton.client import TritonStageClient
 from tierflow.triton.endpoints import EndpointStats, RetryPolicy
+from tierflow.triton.errors import STATUS_ERRORS, map_triton_errors
 from tierflow.triton.repository import (
     ModelSpec,
     TensorSpec,
