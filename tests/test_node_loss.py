@@ -10,18 +10,17 @@ that no block of ``a`` committed before the removal ran again.
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
 import yaml
 
 from example_copy import make_example
+from tierflow.testing import BackgroundRun, LocalCluster
 
 pytestmark = [pytest.mark.ray]
 
@@ -63,37 +62,17 @@ class Step:
 
 
 @pytest.fixture()
-def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "_system_config": {
-                "health_check_initial_delay_ms": 0,
-                "health_check_period_ms": 200,
-                "health_check_failure_threshold": 5,
-            },
-        },
-    )
-    workers = [c.add_node(num_cpus=2) for _ in range(3)]
-    ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path / "ex")}})
-    try:
-        yield c, workers
-    finally:
-        ray.shutdown()
-        c.shutdown()
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A head (no CPUs: the driver) and three worker nodes of 2 CPUs; node death noticed
+    within ~1 s. Stage code comes from ``tmp_path/ex``."""
+    with LocalCluster(nodes=3, cpus_per_node=2, pythonpath=[str(tmp_path / "ex")]) as c:
+        yield c
 
 
-def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster: Any) -> None:
+def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster: LocalCluster) -> None:
     from tierflow.cache.locations import lmdb_location, lmdb_nodes
     from tierflow.engine.journal import BlockEntry, Journal
-    from tierflow.driver import run_pipeline
 
-    c, workers = cluster
     ex = make_example(tmp_path / "ex", rows=ROWS)
     (ex / "steps.py").write_text(CODE)
     log = str(ex / "executions.log")
@@ -115,31 +94,20 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     manifest.write_text(yaml.safe_dump(doc))
     journal = str(tmp_path / "durable" / "_journal" / "nodeloss")
 
-    result: dict[str, Any] = {}
+    noticed = threading.Event()  # the driver saw the node go (and started its top-up copies)
+    run = BackgroundRun(manifest, on_event=lambda e: noticed.set() if e.kind == "node_lost" else None)
 
-    def drive() -> None:
+    def committed_a() -> dict[int, BlockEntry]:
+        """Stage a's committed blocks once there are 12 (b, held at the gate, consumes none)."""
         try:
-            result["report"] = run_pipeline(manifest, progress_out=None)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            result["error"] = exc
+            held = Journal.load(journal).stages["a"]["done"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return {}
+        return held if len(held) >= 12 else {}
 
-    runner = threading.Thread(target=drive)
-    runner.start()
     try:
-        # Wait until enough of stage a's blocks are committed (b, held at the gate, consumes none).
-        deadline = time.monotonic() + 180
-        held: dict[int, BlockEntry] = {}
-        while time.monotonic() < deadline and runner.is_alive():
-            try:
-                held = Journal.load(journal).stages["a"]["done"]
-            except (FileNotFoundError, ValueError, KeyError):
-                held = {}
-            if len(held) >= 12:
-                break
-            time.sleep(0.05)
-        if "error" in result:
-            raise result["error"]  # the run failed before the fault: show why
-        assert len(held) >= 12, f"stage a never got ahead: {result}"
+        held = run.wait_for(committed_a, timeout_s=180)  # raises the run's error if it failed first
+        assert len(held) >= 12, "stage a never got ahead"
         writers = Counter(lmdb_nodes(entry.locations)[0] for entry in held.values())
         victim_id, _ = writers.most_common(1)[0]
         on_victim = {b for b, entry in held.items() if entry.locations[0] == lmdb_location(victim_id)}
@@ -147,15 +115,14 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
         # b has consumed nothing, so the journal still holds every block a committed
         done_before = set(Journal.load(journal).stages["a"]["done"])
         seen_before = len(Path(log).read_text().splitlines())
-        victim = next(w for w in workers if w.node_id == victim_id)
-        c.remove_node(victim)
+        cluster.remove_node(next(w for w in cluster.workers if w.node_id == victim_id))
+        # b stays held until the driver has noticed, so every block of a is still waiting
+        # for it then, however loaded the machine (else b may have read them all first)
+        assert noticed.wait(timeout=120), "the driver never noticed the removed node"
     finally:
         gate.touch()  # b goes on, reading the removed node's blocks from their peer copies
 
-    runner.join(timeout=300)
-    assert not runner.is_alive()
-    assert "error" not in result, result.get("error")
-    report = result["report"]
+    report = run.report(timeout_s=300)
 
     out = ds.dataset(str(ex / "out"), format="parquet", exclude_invalid_files=True).to_table().sort_by("id")
     ids = out["id"].to_pylist()
@@ -175,11 +142,10 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     assert stages["a"]["rereplicated"] >= 1
 
 
-def test_a_node_that_keeps_failing_a_stage_is_excluded_from_it(tmp_path: Path, cluster: Any) -> None:
+def test_a_node_that_keeps_failing_a_stage_is_excluded_from_it(tmp_path: Path, cluster: LocalCluster) -> None:
     from tierflow.driver import run_pipeline
 
-    _, workers = cluster
-    bad = workers[0].node_id
+    bad = cluster.workers[0].node_id
     ex = make_example(tmp_path / "ex", rows=2000)
     (ex / "steps.py").write_text(CODE)
     doc = {

@@ -64,16 +64,12 @@ stage keeps.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import random
 import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,17 +79,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
+from _harness import ROOT, TOOLS, id_check, parser, write_json, write_parquet_parts
+from tierflow.testing import BackgroundRun, LocalCluster
 
-#: Process titles of Ray workers that are running a tierflow stage step right now.
-STEP_TITLES = ("ray::run_task", "ray::StageActor.run", "ray::sink_task")
-#: Fast node-death detection (ray's test_reconstruction_stress uses similar values).
-FAST_HEALTH = {
-    "health_check_initial_delay_ms": 0,
-    "health_check_period_ms": 200,
-    "health_check_failure_threshold": 5,
-}
 DEFAULT_SCHEDULE = "kill@0.10,kill@0.25,node@0.40,kill@0.55,triton@0.65,kill@0.80"
 
 # --------------------------------------------------------------------------- demo stages
@@ -167,20 +155,13 @@ def summarize(table: pa.Table, log: str | None = None, delay_s: float = 0.0) -> 
 
 
 def write_demo_data(out: Path, rows: int, files: int = 4, seed: int = 3) -> None:
-    import pyarrow.parquet as pq
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     words = np.array("alpha beta gamma delta epsilon zeta eta theta iota kappa".split(), dtype=object)
-    per = -(-rows // files)
-    for f in range(files):
-        lo, hi = f * per, min(rows, (f + 1) * per)
-        if lo >= hi:
-            break
-        n = hi - lo
-        texts = [" ".join(words[rng.integers(0, len(words), size=k)]) for k in rng.integers(1, 12, size=n)]
-        pq.write_table(pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)), "text": texts}),
-                       out / f"part-{f:03d}.parquet")
+
+    def make(lo: int, hi: int, rng: np.random.Generator) -> pa.Table:
+        texts = [" ".join(words[rng.integers(0, len(words), size=k)]) for k in rng.integers(1, 12, size=hi - lo)]
+        return pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)), "text": texts})
+
+    write_parquet_parts(out, rows, -(-rows // files), make, seed=seed)
 
 
 def demo_expected(data: Path) -> pa.Table:
@@ -229,156 +210,6 @@ def demo_manifest(work: Path, rows: int, block_rows: int, delay_s: float, triton
     path = work / "chaos-demo.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-# --------------------------------------------------------------------------- the cluster
-
-
-class LocalCluster:
-    """A ``ray.cluster_utils.Cluster`` on this machine with ``ray.init`` connected to it.
-
-    Args:
-        nodes: worker nodes (the head has 0 CPUs: only the driver runs there).
-        cpus_per_node: logical CPUs of each worker node.
-        pythonpath: directories the workers import stage code from.
-        object_store_mb: object store of each worker node (Ray's default when None).
-    """
-
-    def __init__(self, nodes: int = 3, cpus_per_node: int = 2, pythonpath: list[str] | None = None,
-                 object_store_mb: int | None = None) -> None:
-        self.n_nodes, self.cpus_per_node = nodes, cpus_per_node
-        self.pythonpath = [p for p in (pythonpath or []) if p]
-        self.object_store_mb = object_store_mb
-        self.cluster: Any = None
-        self.workers: list[Any] = []
-        self.removed: list[str] = []
-
-    def _node_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"num_cpus": self.cpus_per_node}
-        if self.object_store_mb:
-            args["object_store_memory"] = self.object_store_mb << 20
-        return args
-
-    def start(self) -> LocalCluster:
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        import ray
-        from ray.cluster_utils import Cluster
-
-        from tierflow.driver import RAY_SYSTEM_CONFIG  # the embedded Ray's settings, for both systems
-
-        self.cluster = Cluster(initialize_head=True,
-                               head_node_args={"num_cpus": 0, "_system_config": {**FAST_HEALTH, **RAY_SYSTEM_CONFIG}})
-        self.workers = [self.cluster.add_node(**self._node_args()) for _ in range(self.n_nodes)]
-        path = os.pathsep.join([*self.pythonpath, *(p for p in [os.environ.get("PYTHONPATH")] if p)])
-        for p in reversed(self.pythonpath):
-            if p not in sys.path:
-                sys.path.insert(0, p)
-        ray.init(address=self.cluster.address, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}})
-        self.cluster.wait_for_nodes()
-        return self
-
-    def shutdown(self) -> None:
-        import ray
-
-        try:
-            ray.shutdown()
-        finally:
-            if self.cluster is not None:
-                cluster, self.cluster = self.cluster, None
-                try:
-                    cluster.shutdown()
-                except ValueError:  # still counted as connected: stop every node by hand
-                    for node in [*cluster.worker_nodes, cluster.head_node]:
-                        if node is not None:
-                            node.kill_all_processes(check_alive=False, allow_graceful=False)
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    # -- processes
-
-    def step_workers(self, titles: tuple[str, ...] = STEP_TITLES) -> list[tuple[Any, int, str]]:
-        """``(node, pid, title)`` of every worker process of this cluster whose title says it
-        runs a step now. Only descendants of this cluster's raylets are looked at, so other
-        Ray instances on the machine are never touched."""
-        import psutil  # vendored by Ray (ray/thirdparty_files), importable once ray is imported
-
-        found = []
-        for node in self.workers:
-            for raylet in node.all_processes.get("raylet", []):
-                try:
-                    children = psutil.Process(raylet.process.pid).children(recursive=True)
-                except psutil.Error:
-                    continue
-                for proc in children:
-                    try:
-                        title = proc.cmdline()[0] if proc.cmdline() else ""
-                    except (psutil.Error, IndexError):
-                        continue
-                    if title.split(" ")[0] in titles:
-                        found.append((node, proc.pid, title.split(" ")[0]))
-        return found
-
-    def kill_step_worker(self, rng: random.Random, wait_s: float = 10.0,
-                         titles: tuple[str, ...] = STEP_TITLES) -> dict[str, Any] | None:
-        """SIGKILL one worker process running a step (waits up to ``wait_s`` for one)."""
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            running = self.step_workers(titles)
-            if running:
-                node, pid, title = rng.choice(running)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    continue  # finished in between: pick another
-                return {"pid": pid, "title": title, "node": node.node_id[:12], "running": len(running)}
-            time.sleep(0.05)
-        return None
-
-    def busiest_node(self) -> Any:
-        """The worker node running the most steps now (the first node when none runs any)."""
-        counts = {id(n): 0 for n in self.workers}
-        for node, _, _ in self.step_workers():
-            counts[id(node)] += 1
-        return max(self.workers, key=lambda n: counts[id(n)])
-
-    def replace_node(self, victim: Any = None, replace: bool = True) -> dict[str, Any]:
-        """``remove_node`` of ``victim`` (default: the busiest), then add a fresh node."""
-        victim = victim if victim is not None else self.busiest_node()
-        running = sum(1 for n, _, _ in self.step_workers() if n is victim)
-        t0 = time.monotonic()
-        self.cluster.remove_node(victim, allow_graceful=False)
-        self.workers.remove(victim)
-        self.removed.append(victim.node_id)
-        removed_s = time.monotonic() - t0
-        info: dict[str, Any] = {"removed": victim.node_id[:12], "steps_running_there": running,
-                                "remove_s": round(removed_s, 2)}
-        if replace:
-            info.update(self.add_node())
-        return info
-
-    def add_node(self) -> dict[str, Any]:
-        """Add a fresh worker node (as the others); returns its id and how long it took."""
-        t0 = time.monotonic()
-        node = self.cluster.add_node(**self._node_args())
-        self.workers.append(node)
-        return {"added": node.node_id[:12], "add_s": round(time.monotonic() - t0, 2)}
-
-    def cpus_leaked(self, wait_s: float = 20.0) -> float:
-        """Logical CPUs still held after ``wait_s`` (0.0 when everything was released)."""
-        import ray
-
-        deadline = time.monotonic() + wait_s
-        while True:
-            total = ray.cluster_resources().get("CPU", 0.0)
-            free = ray.available_resources().get("CPU", 0.0)
-            if free >= total or time.monotonic() > deadline:
-                return round(total - free, 3)
-            time.sleep(0.25)
 
 
 # --------------------------------------------------------------------------- Triton
@@ -484,11 +315,11 @@ class FaultInjector:
     triton_crash: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def run_while(self, runner: threading.Thread, t0: float) -> None:
-        """Inject faults until the schedule is done or ``runner`` has finished."""
+    def run_while(self, run: BackgroundRun, t0: float) -> None:
+        """Inject faults until the schedule is done or ``run`` has finished."""
         rng = random.Random(self.seed)
         pending = list(self.schedule)
-        while pending and runner.is_alive():
+        while pending and run.alive:
             p = self.progress()
             if p < pending[0][1]:
                 time.sleep(0.05)
@@ -622,16 +453,7 @@ def oracle(ids_in: np.ndarray, chaos: pa.Table | None, golden: pa.Table | None, 
     if chaos is None:
         return {"committed": False, "lost": int(len(np.unique(ids_in))), "duplicated": 0, "unexpected": 0,
                 "rows": 0, "identical_to_golden": False, "differing_rows": None}
-    got = chaos[id_column].to_numpy()
-    want = np.unique(ids_in)
-    uniq, counts = np.unique(got, return_counts=True)
-    res: dict[str, Any] = {
-        "committed": True,
-        "rows": int(len(got)),
-        "lost": int(len(np.setdiff1d(want, uniq))),
-        "duplicated": int((counts - 1).sum()),
-        "unexpected": int(len(np.setdiff1d(uniq, want))),
-    }
+    res: dict[str, Any] = {"committed": True, **id_check(chaos[id_column].to_numpy(), ids_in)}
     if golden is None:
         res["identical_to_golden"], res["differing_rows"] = False, None
         return res
@@ -743,15 +565,12 @@ def run_chaos(manifest: Path | None = None, *, id_column: str = "id", schedule: 
         c_manifest, c_out, journal = variant(prepared, work, "chaos", replicas, url)
         faults = FaultInjector(plan, lambda: journal_progress(journal, prepared.n_stages), cluster, triton,
                                triton_down_s, seed, triton_crash)
-        result: dict[str, Any] = {}
         failures = FailureLog()
-        runner = threading.Thread(target=lambda: result.update(zip(("report", "error", "elapsed"),
-                                                                   run_once(c_manifest, failures))), name="chaos-run")
         t0 = time.monotonic()
-        runner.start()
-        faults.run_while(runner, t0)
-        runner.join()
-        report, error, elapsed = result["report"], result["error"], result["elapsed"]
+        run = BackgroundRun(c_manifest, fresh=True, on_event=failures)
+        faults.run_while(run, t0)
+        run.join()
+        report, error, elapsed = (None, run.error, run.elapsed_s) if run.error else (run.report(), None, run.elapsed_s)
         say(f"chaos run: {elapsed:.1f} s" + (f", FAILED: {error!r}" if error else ""))
         chaos_table, stray = read_output(c_out)
         leaked = cluster.cpus_leaked()
@@ -830,8 +649,7 @@ def print_summary(s: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, "write the summary here")
     ap.add_argument("manifest", nargs="?", help="manifest to run (default: the built-in demo pipeline)")
     ap.add_argument("--id-column", default="id", help="unique, stable row id kept by every stage")
     ap.add_argument("--schedule", default=DEFAULT_SCHEDULE, help="faults as fault@fraction,... (kill, node, lose, triton)")
@@ -850,15 +668,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-golden", action="store_true",
                     help="demo without Triton: compare with the stage functions applied in-process, no golden run")
     ap.add_argument("--work", help="scratch directory (default: a temp dir, removed when the oracle passes)")
-    ap.add_argument("--json", help="write the summary here")
     args = ap.parse_args(argv)
     try:
         parse_schedule(args.schedule)
     except ValueError as exc:
         ap.error(str(exc))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))  # after PYTHONPATH: an engine put there first is the one tested
     summary = run_chaos(Path(args.manifest).resolve() if args.manifest else None, id_column=args.id_column,
                         schedule=args.schedule, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
                         replicas=args.replicas, triton_down_s=args.triton_down_s,
@@ -866,8 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                         delay_s=args.delay_s, seed=args.seed, golden="local" if args.local_golden else not args.no_golden,
                         triton_crash=args.triton_crash, demo_triton=not args.no_triton, standby=args.standby)
     print_summary(summary)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+    write_json(args.json, summary)
     return 0 if summary.get("ok") else 1
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,30 +217,15 @@ def hold(t, gate, free_rows):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[Any], Path]]:
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    """``(ray Cluster, its worker nodes, the stage code's directory)``."""
+    pytest.importorskip("ray")
+    from tierflow.testing import LocalCluster
 
     code = tmp_path_factory.mktemp("code")
     (code / "deploy_steps.py").write_text(STEPS)
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "_system_config": {
-                "health_check_initial_delay_ms": 0,
-                "health_check_period_ms": 200,
-                "health_check_failure_threshold": 5,
-            },
-        },
-    )
-    workers = [c.add_node(num_cpus=2, num_gpus=1, resources={"triton_node": 1}) for _ in range(2)]
-    ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": str(code)}})
-    try:
-        yield c, workers, code
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    gpu_node = {"num_gpus": 1, "resources": {"triton_node": 1}}
+    with LocalCluster(nodes=2, cpus_per_node=2, pythonpath=[str(code)], node_args=gpu_node) as lc:
+        yield lc.cluster, lc.workers, code
 
 
 def pipeline(d: Path, name: str, deploy: dict[str, Any], gate: Path | None = None) -> Path:
@@ -429,34 +413,19 @@ def test_a_node_lost_mid_run_gets_its_server_replaced_and_the_output_is_unchange
     fresh GPU node joins. The controller takes the lost server out and starts one on the new
     node; the run finishes with every row once and the model's exact outputs, and its
     run-owned deployment is gone afterwards."""
-    from tierflow.driver import run_pipeline
+    from tierflow.testing import BackgroundRun
     from tierflow.triton.deploy import find_deployment
 
     c, workers, _ = cluster
     gate = tmp_path / "go"
     d = tmp_path / "p"
     manifest = pipeline(d, "loss", {"replicas": "per_node", "num_gpus": 1, "num_cpus": 0}, gate=gate)
-    result: dict[str, Any] = {}
-
-    def drive() -> None:
-        try:
-            result["report"] = run_pipeline(manifest, progress_out=None)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            result["error"] = exc
-
-    runner = threading.Thread(target=drive)
-    runner.start()
+    run = BackgroundRun(manifest)
     try:
         # Wait for the blocks before the gate to reach the sink (one part file each).
-        deadline = time.monotonic() + 120
-        parts: list[Path] = []
-        while time.monotonic() < deadline and runner.is_alive():
-            parts = list((d / "out").glob("*.parquet")) if (d / "out").is_dir() else []
-            if len(parts) >= FREE_BLOCKS // 2:
-                break
-            time.sleep(0.1)
-        assert "error" not in result, result.get("error")
-        assert len(parts) >= FREE_BLOCKS // 2, "classify never ran"
+        out = d / "out"
+        started = run.wait_for(lambda: len(list(out.glob("*.parquet"))) >= FREE_BLOCKS // 2, timeout_s=120)
+        assert started, "classify never ran"
         deployment = find_deployment("triton-loss")  # the default name: triton-<pipeline>
         assert deployment is not None and not deployment.status()["detached"]
         servers = deployment.status()["servers"]
@@ -483,8 +452,6 @@ def test_a_node_lost_mid_run_gets_its_server_replaced_and_the_output_is_unchange
         assert pid_gone(lost["pid"])  # its tritonserver died with its node (PDEATHSIG)
     finally:
         gate.touch()
-    runner.join(timeout=240)
-    assert not runner.is_alive()
-    assert "error" not in result, result.get("error")
+    run.report(timeout_s=240)
     assert_output_is_the_models(d, reference)
     assert find_deployment("triton-loss") is None  # run-owned: torn down with the run
