@@ -27,12 +27,17 @@ ROWS, BLOCK_ROWS = 1200, 100
 BLOCKS = ROWS // BLOCK_ROWS
 CHROMIUM = "/usr/bin/chromium"
 
+ALLOC_MIB = 200  # what each step of the slow stage holds while it runs
 CODE = '''
 import time
 
+import numpy as np
 
-def slow(t, seconds):
+
+def slow(t, seconds, alloc_mib):
+    held = np.ones(alloc_mib * 2**20 // 8)  # every page written: resident
     time.sleep(seconds)
+    del held
     return t
 
 
@@ -94,7 +99,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         "name": "tele",
         "source": {"format": "parquet", "path": "data/", "block_rows": BLOCK_ROWS, "columns": ["id"]},
         "stages": [
-            {"name": "slow", "kind": "python", "fn": "tele:slow", "params": {"seconds": 0.3}},
+            {"name": "slow", "kind": "python", "fn": "tele:slow", "params": {"seconds": 0.3, "alloc_mib": ALLOC_MIB}},
             {"name": "double", "kind": "python", "cls": "tele:Double", "concurrency": 1},
         ],
         "sink": {"path": "out/", "mode": "overwrite"},
@@ -134,10 +139,27 @@ def test_report_timelines_end_at_the_committed_blocks(run: Run) -> None:
     assert max(slow["cpus"]) > 0  # the slow stage was seen running
     assert slow["reads"] == {"source": BLOCKS}
     assert sum(double["reads"].values()) == sum(sink["reads"].values()) == BLOCKS
+    # measured in the workers: one node, so every cache read is served on it (another
+    # process wrote the block, so it comes from the node's LMDB rather than memory)
+    assert set(double["reads"]) | set(sink["reads"]) <= {"memory", "local"}
+    assert sum(double["read_bytes"].values()) > 0
     assert sum(w["count"] for w in slow["writes"].values()) >= BLOCKS
     assert sink["writes"]["sink"]["count"] == BLOCKS and sink["writes"]["sink"]["bytes"] > 0
     mem = tel["memory"]
     assert mem["t"] and min(mem["workers"]) >= 1 and min(mem["workers_rss"]) > 0 and min(mem["driver_rss"]) > 0
+
+
+@pytest.mark.ray
+def test_a_stage_holding_200_mib_per_step_shows_that_peak(run: Run) -> None:
+    """The step's peak is measured in its worker: the most its RSS rose above where the step
+    started (``step_memory_peak``), within 20 % of the 200 MiB the stage holds."""
+    assert run.returncode == 0, run.stderr
+    slow, double, _ = run.report["telemetry"]["steps"]
+    want = ALLOC_MIB * 2**20
+    assert 0.8 * want <= slow["step_memory_peak"] <= 1.2 * want, slow["step_memory_peak"] / 2**20
+    assert slow["rss_peak"] >= slow["step_memory_peak"] + 20 * 2**20  # a worker's own baseline is on top
+    assert double["step_memory_peak"] < 0.2 * want  # the stage that allocates nothing shows nothing like it
+    assert min(slow["workers"], double["workers"]) >= 1 and max(slow["rss"]) > 0
 
 
 @pytest.mark.ray

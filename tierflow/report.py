@@ -31,7 +31,7 @@ REPORT_NAME = "report.json"  # what tierflow.run writes under <cache dir>/<pipel
 STAGE_COLORS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A",
                 "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52")
 TIER_COLORS = {
-    "source": "#8C564B", "local": "#2CA02C", "peer": "#1F77B4", "remote": "#D62728",
+    "source": "#8C564B", "memory": "#17BECF", "local": "#2CA02C", "peer": "#1F77B4", "remote": "#D62728",
     "unknown": "#BCBD22", "sink": "#9467BD",
 }
 FAULT_COLORS = {"node_lost": "#D62728", "server_restarted": "#FF7F0E", "rereplicated": "#1F77B4"}

@@ -92,27 +92,62 @@ def test_fault_events_are_capped_but_counted_exactly() -> None:
     assert len(out["faults"]) == 5 and out["fault_counts"] == {"rereplicated": 50}
 
 
-def _done(node: str, locations: tuple[str, ...], nbytes: int = 1000) -> Outcome:
-    return Outcome(True, BlockMeta("p/f/s/000001", 10, nbytes, "xxh3-128:0", locations), node=node)
+def _done(node: str, locations: tuple[str, ...], nbytes: int = 1000, read: str = "", **fields: int) -> Outcome:
+    return Outcome(True, BlockMeta("p/f/s/000001", 10, nbytes, "xxh3-128:0", locations), node=node,
+                   read_tier=read, read_bytes=nbytes, **fields)
 
 
-def test_reads_are_counted_for_the_nearest_copy_and_writes_per_tier_with_bytes() -> None:
+def test_reads_are_the_tiers_the_workers_report_and_writes_per_tier_with_bytes() -> None:
     clock = FakeClock()
     tel, views = recorder(clock)
-    tel.block(0, _done("n1", ("lmdb:n1", "lmdb:n2")), ())
-    tel.block(1, _done("n1", ("lmdb:n1",), 500), ("lmdb:n2", "lmdb:n1"))  # a copy on its own node
-    tel.block(1, _done("n3", ("lmdb:n3", "remote"), 500), ("lmdb:n1", "lmdb:n2"))  # only other nodes
-    tel.block(1, _done("n3", ("lmdb:n3",), 500), ("remote",))
-    tel.block(1, _done("n3", ("lmdb:n3",), 500), ())  # no copy known (a resumed block)
-    tel.block(2, Outcome(True, PartMeta("part-000001.parquet", 10, 4321, "x"), node="n2"), ("lmdb:n3",))
+    tel.block(0, _done("n1", ("lmdb:n1", "lmdb:n2"), read="source"), 0)
+    tel.block(1, _done("n1", ("lmdb:n1",), 500, read="memory"), 0)
+    tel.block(1, _done("n3", ("lmdb:n3", "remote"), 500, read="peer"), 1)
+    tel.block(1, _done("n3", ("lmdb:n3",), 500, read="remote"), 2)
+    tel.block(1, _done("n3", ("lmdb:n3",), 500, read="lmdb"), 3)
+    tel.block(1, _done("n3", ("lmdb:n3",), 500), 4)  # a backend that does not say
+    tel.block(2, Outcome(True, PartMeta("part-000001.parquet", 10, 4321, "x"), node="n2", read_tier="peer",
+                         read_bytes=77), 0)
     tel.sample(views, force=True)
     parse, embed, sink = tel.to_json()["steps"]
-    assert parse["reads"] == {"source": 1}
+    assert parse["reads"] == {"source": 1} and parse["read_bytes"] == {"source": 1000}
     assert parse["writes"] == {"local": {"count": 1, "bytes": 1000}, "peer": {"count": 1, "bytes": 1000}}
-    assert embed["reads"] == {"local": 1, "peer": 1, "remote": 1, "unknown": 1}
-    assert embed["writes"] == {"local": {"count": 4, "bytes": 2000}, "remote": {"count": 1, "bytes": 500}}
-    assert sink["reads"] == {"peer": 1} and sink["writes"] == {"sink": {"count": 1, "bytes": 4321}}
+    assert embed["reads"] == {"local": 1, "memory": 1, "peer": 1, "remote": 1, "unknown": 1}
+    assert embed["writes"] == {"local": {"count": 5, "bytes": 2500}, "remote": {"count": 1, "bytes": 500}}
+    assert sink["reads"] == {"peer": 1} and sink["read_bytes"] == {"peer": 77}
+    assert sink["writes"] == {"sink": {"count": 1, "bytes": 4321}}
     assert tel.latest["writes"][2] == {"sink": (1, 4321)}
+    assert tel.usage[1].hit_ratio() == 2 / 5  # memory and local, of five cache reads
+
+
+def test_held_bytes_fall_when_the_next_step_consumes_a_block_and_spills_are_counted() -> None:
+    clock = FakeClock()
+    tel, views = recorder(clock)
+    tel.block(0, _done("n1", ("lmdb:n1", "lmdb:n2")), 0)
+    tel.block(0, _done("n1", ("lmdb:n2", "remote"), 300), 1)  # its own LMDB refused it: spilled
+    assert tel.usage[0].held == {"local": 1000, "peer": 1300, "remote": 300}
+    assert tel.usage[0].spilled == 300
+    tel.consumed(0, 0)
+    tel.consumed(0, 0)  # told twice (a speculative copy): counted once
+    assert tel.usage[0].held == {"local": 0, "peer": 300, "remote": 300}
+
+
+def test_worker_memory_is_summed_over_fresh_workers_and_peaks_are_the_highest_reported() -> None:
+    clock = FakeClock()
+    tel, views = recorder(clock)
+    mb = 1 << 20
+    tel.block(0, _done("n1", (), pid=11, rss_start=100 * mb, rss_end=110 * mb, rss_peak=310 * mb,
+                       memory_tier_bytes=5 * mb), 0)
+    clock.now += 5
+    tel.block(0, _done("n2", (), pid=11, rss_start=90 * mb, rss_end=95 * mb, rss_peak=120 * mb), 1)
+    tel.sample(views, force=True)
+    use = tel.usage[0]
+    assert (use.rss_now, use.rss_peak, use.grew_peak, use.memory_tier_now) == (205 * mb, 310 * mb, 210 * mb, 5 * mb)
+    clock.now += 6  # the first worker has not reported for 11 s: no longer one of the stage's
+    tel.sample(views, force=True)
+    assert (use.rss_now, len(use.workers)) == (95 * mb, 1)
+    step = tel.to_json()["steps"][0]
+    assert (step["rss_peak"], step["step_memory_peak"], step["rss"]) == (310 * mb, 210 * mb, [205 * mb, 95 * mb])
 
 
 def test_memory_is_probed_on_its_own_interval_and_dropped_when_unavailable() -> None:

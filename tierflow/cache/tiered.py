@@ -212,7 +212,14 @@ class TieredCache:
     # -- reads ------------------------------------------------------------------------
 
     def get(self, key: str, *, locations: Sequence[str] = ()) -> bytes | None:
-        """Return a verified, uncompressed frame for ``key`` from the fastest good copy.
+        """Return a verified, uncompressed frame for ``key`` from the fastest good copy
+        (:meth:`get_located` says which tier served it)."""
+        return self.get_located(key, locations=locations)[0]
+
+    def get_located(self, key: str, *, locations: Sequence[str] = ()) -> tuple[bytes | None, str]:
+        """Return a verified, uncompressed frame for ``key`` from the fastest good copy,
+        and the tier that served it: ``memory``, ``lmdb``, ``peer`` or ``remote`` (``""``
+        on a miss). The tier is this read's own, exact even with other threads reading.
 
         Promotes the hit into faster tiers and rewrites any bad copy met on the way.
         Never raises for an unavailable tier; it is skipped and counted in :meth:`stats`.
@@ -234,7 +241,7 @@ class TieredCache:
             data = self._read(self.memory, key, corrupt)
             if data is not None:
                 self._count("hits_memory")
-                return data
+                return data, "memory"
         data = self._read(self.lmdb, key, corrupt)
         source = "lmdb"
         if data is None and self.peers is not None:
@@ -251,10 +258,10 @@ class TieredCache:
                     corrupt.append(self.remote)
         if data is None:
             self._count("misses")
-            return None
+            return None, ""
         self._count(f"hits_{source}")
         self._promote(key, data, source, corrupt)
-        return data
+        return data, source
 
     def _fetch_peer(self, key: str, hints: Sequence[str]) -> tuple[bytes, str] | None:
         assert self.peers is not None
@@ -307,10 +314,19 @@ class TieredCache:
             ReplicaLost: No tier holds a good copy (the message lists the tiers tried).
             CorruptObject: The only good frame holds opaque bytes, not a table.
         """
-        data = self.get(key, locations=locations)
+        return self.get_table_located(key, locations=locations)[0]
+
+    def get_table_located(self, key: str, *, locations: Sequence[str] = ()) -> tuple[pa.Table, str, int]:
+        """:meth:`get_table`, plus the tier that served it (see :meth:`get_located`) and
+        the frame's size in bytes.
+
+        Raises:
+            ReplicaLost, CorruptObject: as :meth:`get_table`.
+        """
+        data, tier = self.get_located(key, locations=locations)
         if data is None:
             raise ReplicaLost(key, self._tried())
-        return codec.decode_table_unchecked(data, key)
+        return codec.decode_table_unchecked(data, key), tier, len(data)
 
     def _tried(self) -> builtins.list[str]:
         names = [t.name for t in (self.memory, self.lmdb) if t is not None]
@@ -601,6 +617,10 @@ class TieredCache:
             counters = dict(self._counts)
         tiers = [t.stats() for t in (self.memory, self.lmdb, self.remote) if t is not None]
         return CacheStats(self.node_id, counters, tuple(tiers))
+
+    def memory_held(self) -> int:
+        """Bytes held by this process's memory tier (0 without one). Cheap: no copying."""
+        return 0 if self.memory is None else self.memory.stats().bytes_used or 0
 
     def close(self) -> None:
         """Close every tier. Idempotent."""

@@ -23,7 +23,12 @@ SINK_CPUS = 1.0  # a sink task encodes Parquet
 
 
 class Backend(Protocol):
-    """Runs steps of one plan. Not thread-safe; used by the driver loop only."""
+    """Runs steps of one plan. Not thread-safe; used by the driver loop only.
+
+    Optional: ``restarted_servers() -> list[str]``, the servers (``cache:<node>``,
+    ``triton:<node>``) found dead and started again since the last call; the executor
+    records each as a ``server_restarted`` fault. Backends without servers leave it out.
+    """
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         """Get ready to run (actors started, shared objects published). Returns, per step

@@ -95,6 +95,7 @@ class Executor:
     _started: float = field(init=False, default=0.0)
     _strikes: Strikes = field(init=False, default_factory=lambda: Strikes(BLACKLIST_FAILURES, BLACKLIST_WINDOW_S))
     nodes_lost: list[dict[str, Any]] = field(init=False, default_factory=list)
+    servers_restarted: list[dict[str, Any]] = field(init=False, default_factory=list)
     durable_catch_up: int = field(init=False, default=0)
 
     def run(self) -> dict[str, Any]:
@@ -116,12 +117,17 @@ class Executor:
             server = serve_metrics(self.telemetry, metrics.port, metrics.host)
             self.telemetry.closers.append(server.close)
             self.telemetry.metrics_port = server.port
-        progress = Progress(plan.manifest.name, self.views, self.progress_out) if self.progress_out else None
+        progress = (
+            Progress(plan.manifest.name, self.views, self.progress_out, usage=self.telemetry.usage)
+            if self.progress_out else None
+        )
         backend = self.backend
         error: BaseException | None = None
         try:
             self.sink.prepare()
             limits = backend.start(plan, self.sink, self.settings, self.triton_url)
+            for view, limit in zip(self.views, limits):
+                view.limit = limit
             self._emit("run_started")
             window = max(8, 2 * sum(limits))
             cfgs = [s.config for s in plan.stages]
@@ -273,6 +279,11 @@ class Executor:
         """Note dead nodes (report), stop pointing readers at the copies they held, and
         bring the blocks still waiting for a reader back to ``replicas`` copies, so that
         the next lost node costs no recomputation either."""
+        # optional (see ``Backend``): only a backend with servers to restart reports them
+        restarted = getattr(self.backend, "restarted_servers", None)
+        for server in restarted() if restarted is not None else ():
+            self.telemetry.fault("server_restarted", server)
+            self.servers_restarted.append({"server": server, "at_s": round(self.clock() - self._started, 3)})
         for node in self.backend.lost_nodes():
             self.nodes_lost.append({"node": node, "at_s": round(self.clock() - self._started, 3)})
             self.telemetry.fault("node_lost", node)
@@ -335,7 +346,7 @@ class Executor:
             self._durations[d.step].append(outcome.seconds)
         meta = outcome.meta
         view.rows_out += meta.rows
-        self.telemetry.block(d.step, outcome, run.inputs)
+        self.telemetry.block(d.step, outcome, d.block)
         j = self.journal
         if outcome.rejected:
             view.dead_letter_rows += outcome.rejected
@@ -353,6 +364,7 @@ class Executor:
                                meta.locations)
         if d.step > 0 and not self.plan.stages[d.step - 1].config.checkpoint:
             self._garbage.append(self.plan.key(d.step - 1, d.block))  # its only reader is done
+            self.telemetry.consumed(d.step - 1, d.block)
             if j is not None:
                 j.forget_block(self.plan.stages[d.step - 1].name, d.block)
         self._emit("block_committed", stage=view.name, block=d.block, attempt=d.attempt, node=outcome.node or None)
@@ -416,6 +428,7 @@ class Executor:
             "rows_in": self.plan.total_rows,
             "rows_out": sum(p.rows for p in (self.journal.parts if self.journal else self.parts).values()),
             "nodes_lost": self.nodes_lost,
+            "servers_restarted": self.servers_restarted,
             "durable_catch_up": self.durable_catch_up,
             "stages": stages,
             "telemetry": self.telemetry.finish(self.views),

@@ -51,6 +51,7 @@ class NodeWatcher:
         self.nodes: set[str] = set()
         self.restart: set[str] = set()  # live nodes whose cache server was found dead
         self.restarted = 0  # cache servers started again on a live node
+        self._restarted_since: list[str] = []  # their nodes, until taken by restarted_servers()
         self._joining: dict[Any, str] = {}  # node() calls of cache servers starting on new nodes
         self._probes: dict[Any, str] = {}  # node() calls checking that running servers live
         self._table: dict[str, dict[str, float]] = {}
@@ -117,8 +118,14 @@ class NodeWatcher:
         for node, server in start_cache_servers(self._settings, joined, wait=False).items():
             if node in self.restart:
                 self.restarted += 1
+                self._restarted_since.append(node)
             self.restart.discard(node)
             self._joining[server.node.remote()] = node
+
+    def restarted_servers(self) -> list[str]:
+        """Nodes whose cache server was started again since the last call (each once)."""
+        taken, self._restarted_since = self._restarted_since, []
+        return taken
 
     def stop(self) -> None:
         """Stop this run's cache servers: they carry its settings and end with it."""

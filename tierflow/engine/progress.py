@@ -1,4 +1,11 @@
-"""Live per-stage progress: a rich table on a TTY, plain periodic lines otherwise."""
+"""Live per-stage progress: rich tables on a TTY, plain periodic lines otherwise.
+
+Three tables, each readable in 120 columns (a single one with every figure would need
+~180): progress (blocks, state, queue, rows, trouble), resources (CPUs and GPUs in use
+out of the most the stage may hold, its workers' memory, backpressure) and cache (bytes
+held per tier, spilled, reads per tier and the share served on the node). Tables are
+rebuilt at most ``REDRAW_S`` apart, not every driver round: rich's layout costs a few ms.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+
+from tierflow.engine.telemetry import LOCAL, MEMORY, PEER, REMOTE, SOURCE, StepUsage
+
+__all__ = ["Progress", "StepView", "backpressured", "human_bytes", "summary_table", "tables"]
+
+REDRAW_S = 0.25
 
 
 @dataclass(slots=True)
@@ -37,6 +51,7 @@ class StepView:
     rereplicated: int = 0  # blocks copied to a new node after losing a copy
     excluded_nodes: list[str] = field(default_factory=list)
     busy_s: float = 0.0
+    limit: int = 0  # the most attempts it may run at once (0: not known yet)
     failed: bool = False
     started: float | None = None
     finished: float | None = None
@@ -72,55 +87,130 @@ class StepView:
         return self.rows_out / max(end - self.started, 1e-9)
 
 
+def human_bytes(n: float) -> str:
+    """``1.5G``, ``320M``, ``12K``, ``0``: at most 5 characters for anything below 1000 P."""
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" or abs(n) >= 10 else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.0f}P"
+
+
+def backpressured(steps: Sequence[StepView], i: int) -> bool:
+    """Whether step ``i`` is held back by the step after it: that one is saturated (every
+    slot busy, blocks waiting) while ``i`` has nothing queued and free slots. With the
+    scheduler's admission window, a slow step fills the window with blocks waiting for it
+    and the steps before it run dry: this is where that shows."""
+    if i + 1 >= len(steps):
+        return False
+    s, nxt = steps[i], steps[i + 1]
+    return (
+        nxt.limit > 0 and nxt.inflight >= nxt.limit and nxt.queued > 0
+        and s.queued == 0 and s.inflight < max(s.limit, 1) and s.done < s.total
+    )
+
+
+def _share(n: int, total: int) -> str:
+    return f"{100 * n / total:.0f}%" if total else "-"
+
+
+def tables(title: str, steps: Sequence[StepView], usage: Sequence[StepUsage] | None, now: float) -> list[Table]:
+    """The live tables: progress, then (with ``usage``) resources and cache."""
+    t = _table(title)
+    for col in ("stage", "kind", "state", "blocks", "in flight", "queued", "rows out", "rows/s", "notes"):
+        t.add_column(col, justify="left" if col in ("stage", "kind", "state", "notes") else "right",
+                     overflow="fold")
+    for s in steps:
+        t.add_row(s.name, s.kind, s.state, f"{s.done}/{s.total}", str(s.inflight), str(s.queued),
+                  f"{s.rows_out:,}", f"{s.rate(now):,.0f}", s.notes)
+    if usage is None:
+        return [t]
+    res = _table("resources (memory: the stage's workers; step +peak: the most one step added)")
+    for col in ("stage", "CPUs", "GPUs", "workers", "RSS now", "RSS peak", "step +peak", "held back"):
+        res.add_column(col, justify="left" if col in ("stage", "held back") else "right", overflow="fold")
+    cache = _table("cache (held: not yet consumed; reads: blocks per tier; on node: memory + local)")
+    for col in ("stage", "memory", "local", "peers", "durable", "spilled", "reads mem/loc/peer/rem/src",
+                "on node"):
+        cache.add_column(col, justify="left" if col == "stage" else "right", overflow="fold")
+    for i, (s, u) in enumerate(zip(steps, usage)):
+        cap = max(s.limit, s.inflight)
+        res.add_row(
+            s.name, f"{s.inflight * u.cpus:g}/{cap * u.cpus:g}", f"{s.inflight * u.gpus:g}/{cap * u.gpus:g}",
+            str(len(u.workers)), human_bytes(u.rss_now), human_bytes(u.rss_peak), human_bytes(u.grew_peak),
+            f"by {steps[i + 1].name}" if backpressured(steps, i) else "",
+        )
+        reads = [u.reads.get(k, (0, 0))[0] for k in (MEMORY, LOCAL, PEER, REMOTE, SOURCE)]
+        ratio = u.hit_ratio()
+        cache.add_row(
+            s.name, human_bytes(u.memory_tier_now), human_bytes(u.held.get(LOCAL, 0)),
+            human_bytes(u.held.get(PEER, 0)), human_bytes(u.held.get(REMOTE, 0)), human_bytes(u.spilled),
+            "/".join(_count(n) for n in reads), "-" if ratio is None else f"{100 * ratio:.0f}%",
+        )
+    return [t, res, cache]
+
+
+def _table(title: str) -> Table:
+    # no vertical rules: two characters a column instead of three, what 9 columns need in 120
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
+def _count(n: int) -> str:
+    return str(n) if n < 10_000 else f"{n / 1000:.0f}k"
+
+
+def plain_line(title: str, s: StepView, u: StepUsage | None, now: float) -> str:
+    """One step as a log line (stdout is not a terminal)."""
+    line = (f"[{title}] {s.name:<16} {s.state:<8} {s.done}/{s.total} blocks "
+            f"{s.rows_out} rows {s.rate(now):,.0f} rows/s queued {s.queued}")
+    if u is not None:
+        ratio = u.hit_ratio()
+        line += (f" cpus {s.inflight * u.cpus:g} gpus {s.inflight * u.gpus:g} rss {human_bytes(u.rss_now)}"
+                 f" peak {human_bytes(u.rss_peak)} held {human_bytes(sum(u.held.values()))}"
+                 f" on-node reads {'-' if ratio is None else f'{100 * ratio:.0f}%'}")
+    return line
+
+
 @dataclass
 class Progress:
-    """Renders ``StepView``s. ``interval_s`` applies to plain (non-TTY) output."""
+    """Renders ``StepView``s (and, given ``usage``, their resource and cache figures).
+    ``interval_s`` applies to plain (non-TTY) output."""
 
     title: str
     steps: Sequence[StepView]
     out: IO[str] = field(default_factory=lambda: sys.stdout)
     interval_s: float = 5.0
+    usage: Sequence[StepUsage] | None = None
     _live: Live | None = field(init=False, default=None)
     _last_plain: float = field(init=False, default=0.0)
+    _drawn: float = field(init=False, default=0.0)
     _console: Console = field(init=False)
 
     def __post_init__(self) -> None:
         self._console = Console(file=self.out)
         if self._console.is_terminal:
-            self._live = Live(self._table(), console=self._console, refresh_per_second=4, transient=False)
+            self._live = Live(self._group(), console=self._console, refresh_per_second=4, transient=False)
             self._live.start()
 
     def refresh(self, force: bool = False) -> None:
         now = time.monotonic()
         if self._live is not None:
-            self._live.update(self._table())
+            if force or now - self._drawn >= REDRAW_S:
+                self._drawn = now
+                self._live.update(self._group())
         elif force or now - self._last_plain >= self.interval_s:
             self._last_plain = now
-            for s in self.steps:
-                print(
-                    f"[{self.title}] {s.name:<16} {s.state:<8} {s.done}/{s.total} blocks "
-                    f"{s.rows_out} rows {s.rate(now):,.0f} rows/s",
-                    file=self.out,
-                    flush=True,
-                )
+            usage = self.usage if self.usage is not None else [None] * len(self.steps)
+            for s, u in zip(self.steps, usage):
+                print(plain_line(self.title, s, u, now), file=self.out, flush=True)
 
     def close(self) -> None:
         if self._live is not None:
-            self._live.update(self._table())
+            self._live.update(self._group())
             self._live.stop()
             self._live = None
 
-    def _table(self) -> Table:
-        now = time.monotonic()
-        t = Table(title=self.title, title_justify="left")
-        for col in ("stage", "kind", "state", "blocks", "in flight", "rows out", "rows/s", "notes"):
-            t.add_column(col, justify="left" if col in ("stage", "kind", "state", "notes") else "right")
-        for s in self.steps:
-            t.add_row(
-                s.name, s.kind, s.state, f"{s.done}/{s.total}", str(s.inflight),
-                f"{s.rows_out:,}", f"{s.rate(now):,.0f}", s.notes,
-            )
-        return t
+    def _group(self) -> Group:
+        return Group(*tables(self.title, self.steps, self.usage, time.monotonic()))
 
 
 def summary_table(steps: Sequence[StepView], elapsed_s: float) -> Table:

@@ -211,6 +211,10 @@ class RayBackend:
             self._keep_task_slot()
         return gone
 
+    def restarted_servers(self) -> list[str]:
+        """``cache:<node>`` for each cache server started again since the last call."""
+        return [f"cache:{node}" for node in self.nodes.restarted_servers()]
+
     def actor_counts(self, step: int) -> tuple[int, int]:
         pool = self._pools.get(step)
         return (pool.retired, pool.took_over) if pool is not None else (0, 0)

@@ -12,6 +12,7 @@ is never rebuilt by Ray's lineage; the driver retries it from the cache.
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,8 +24,9 @@ import pyarrow.parquet as pq
 import ray
 
 from tierflow.cache.settings import CacheSettings
-from tierflow.cache.tiered import get_cache
+from tierflow.cache.tiered import TieredCache, get_cache
 from tierflow.code import load_object
+from tierflow.engine.rss import measure_end, measure_start
 from tierflow.errors import ReplicaLost, TierflowError, TierUnavailable
 from tierflow.io.fs import filesystem, write_atomic
 from tierflow.io.sink import Sink
@@ -36,7 +38,11 @@ Transform = Callable[[pa.Table], pa.Table]
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The result of one step on one block. ``meta`` is a BlockMeta or a PartMeta."""
+    """The result of one step on one block. ``meta`` is a BlockMeta or a PartMeta.
+
+    The figures measured in the worker (see :mod:`tierflow.engine.rss`) ride along: plain
+    ints and one short string, a few dozen bytes of pickle per step.
+    """
 
     ok: bool
     meta: Any = None
@@ -48,6 +54,13 @@ class Outcome:
     node: str = ""  # the Ray node it ran on ("" when unknown: the worker died)
     crashed: bool = False  # its worker, actor or node died under it (not the step's own failure)
     rejected: int = 0  # input rows set aside as dead letters (``on_error: skip_rows``)
+    read_tier: str = ""  # where the input came from: source, memory, lmdb, peer, remote ("" unknown)
+    read_bytes: int = 0  # its size (the cache frame, or the source block's Arrow buffers)
+    pid: int = 0  # the worker process (with ``node``: which worker the RSS figures are of)
+    rss_start: int = 0  # the worker's RSS when the step started, in bytes
+    rss_end: int = 0  # ... when it ended
+    rss_peak: int = 0  # ... at its highest while the step ran
+    memory_tier_bytes: int = 0  # held by the worker's in-process cache tier after the step
 
 
 def make_transform(chain: Sequence[Stage], triton_url: str | tuple[str, ...] | None) -> Transform:
@@ -141,19 +154,26 @@ def durable_output(settings: CacheSettings, checkpoint: bool) -> bool:
 
 def read_input(source: Source | None, io: StepIO, settings: CacheSettings) -> pa.Table:
     """A step's input: a cached block by key, or a block of the source."""
+    return read_located(source, io, settings)[0]
+
+
+def read_located(source: Source | None, io: StepIO, settings: CacheSettings) -> tuple[pa.Table, str, int]:
+    """:func:`read_input`, plus where it came from (a cache tier, or ``source``) and its bytes."""
     if isinstance(io.input, str):
-        return get_cache(settings).get_table(io.input, locations=io.locations)
+        return get_cache(settings).get_table_located(io.input, locations=io.locations)
     assert source is not None
-    return source.read(io.input)
+    table = source.read(io.input)
+    return table, "source", table.nbytes
 
 
 def run_step(transform: Transform, source: Source | None, io: StepIO, settings: CacheSettings) -> Outcome:
     """Read the input (a source block or a cache key), transform, write to the cache."""
     started = time.perf_counter()
+    rss_start = measure_start()
     try:
         cache = get_cache(settings)
         try:
-            table = read_input(source, io, settings)
+            table, tier, nbytes = read_located(source, io, settings)
         except ReplicaLost as exc:
             return _failure(exc, started, lost_input=True)
         rejected = 0
@@ -175,8 +195,17 @@ def run_step(transform: Transform, source: Source | None, io: StepIO, settings: 
             meta = cache.put_table(io.output, out, durable=False)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome the driver judges
         return _failure(exc, started, retry_on=io.retry_on)
-    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started, node=_node(),
-                   rejected=rejected)
+    return _success(meta, table.num_rows, started, rss_start, tier, nbytes, cache, rejected)
+
+
+def _success(
+    meta: Any, rows_in: int, started: float, rss_start: int, tier: str, nbytes: int, cache: TieredCache,
+    rejected: int = 0,
+) -> Outcome:
+    mem = measure_end(rss_start)
+    return Outcome(True, meta, rows_in=rows_in, seconds=time.perf_counter() - started, node=_node(),
+                   rejected=rejected, read_tier=tier, read_bytes=nbytes, pid=os.getpid(), rss_start=mem.start,
+                   rss_end=mem.end, rss_peak=mem.peak, memory_tier_bytes=cache.memory_held())
 
 
 def isolate_rows(
@@ -229,16 +258,18 @@ def _write_rejects(target: tuple[str, dict[str, str]], rejects: pa.Table) -> Non
 def write_part(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> Outcome:
     """Sink step: read the last stage's block from the cache and commit it as one part."""
     started = time.perf_counter()
+    rss_start = measure_start()
     try:
         assert isinstance(io.input, str)
+        cache = get_cache(settings)
         try:
-            table = get_cache(settings).get_table(io.input, locations=io.locations)
+            table, tier, nbytes = cache.get_table_located(io.input, locations=io.locations)
         except ReplicaLost as exc:
             return _failure(exc, started, lost_input=True)
         meta = sink.write_part(block, table)
     except Exception as exc:  # noqa: BLE001
         return _failure(exc, started)
-    return Outcome(True, meta, rows_in=table.num_rows, seconds=time.perf_counter() - started, node=_node())
+    return _success(meta, table.num_rows, started, rss_start, tier, nbytes, cache)
 
 
 def _matches(exc: BaseException, names: tuple[str, ...]) -> bool:

@@ -1,16 +1,18 @@
 """Run telemetry: what the driver saw over time, for the run report and for metrics.
 
-The executor owns one :class:`Telemetry` per run and tells it three things: a driver
+The executor owns one :class:`Telemetry` per run and tells it four things: a driver
 round happened (``sample``: the recorder reads the live per-step views, at most once per
-``interval_s``), a step's output was committed (``block``: where it read its input and
-wrote its copies), and a fault happened (``fault``: a lost node, a re-replicated block).
+``interval_s``), a step's output was committed (``block``: which tier its input came
+from and the worker's memory, both measured in the worker, and where it wrote its
+copies), a block was consumed (``consumed``: its copies are about to be deleted), and a
+fault happened (``fault``: a lost node, a restarted server, a re-replicated block).
 ``finish`` takes a last sample and returns the JSON that goes into ``report.json`` under
 ``"telemetry"``; ``tierflow report`` renders it and :mod:`tierflow.metrics` serves the
 latest figures to Prometheus.
 
 Cost on the driver: a round that is not due costs one clock read; a sample walks the
-steps once (20 steps: a few µs, once a second); ``block`` is a few dict updates per
-committed block. Timelines keep at most ``max_samples`` points: when full, every other
+steps once (20 steps: a few µs, once a second); ``block`` and ``consumed`` are a few dict
+updates per committed block. Timelines keep at most ``max_samples`` points: when full, every other
 point is dropped and the interval doubles, so a 10-hour run stays a few hundred KB of JSON
 (rather than growing with the run, or sampling so sparsely that short runs show nothing).
 
@@ -38,26 +40,24 @@ if TYPE_CHECKING:
     from tierflow.engine.runners import Outcome
     from tierflow.plan import Plan
 
-__all__ = ["FAULT_KINDS", "MemorySample", "StepFigures", "StepResources", "Telemetry", "host_memory"]
+__all__ = [
+    "FAULT_KINDS", "READ_TIERS", "MemorySample", "StepFigures", "StepResources", "StepUsage", "Telemetry",
+    "host_memory",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: reads measured in the worker (memory/local/peer/remote), read bytes, usage
 
-# Where a step read its input from (see ``Telemetry.block``).
-SOURCE, LOCAL, PEER, REMOTE, UNKNOWN = "source", "local", "peer", "remote", "unknown"
-# Where a committed step wrote: these and SINK (a part file).
+# Where a step read its input from: the worker's in-process memory tier, its node's LMDB
+# (``local``, as for writes), another node's LMDB, the durable store, or the source.
+SOURCE, MEMORY, LOCAL, PEER, REMOTE, UNKNOWN = "source", "memory", "local", "peer", "remote", "unknown"
+READ_TIERS = (SOURCE, MEMORY, LOCAL, PEER, REMOTE)
+_READ_NAMES = {"lmdb": LOCAL, "memory": MEMORY, "peer": PEER, "remote": REMOTE, "source": SOURCE}
+# Where a committed step wrote: LOCAL, PEER, REMOTE and SINK (a part file).
 SINK = "sink"
 MEMO_MAX = 65536  # (node, locations) combinations remembered per classification
+WORKER_FRESH_S = 10.0  # a worker that reported within this long counts as one of a step's workers
 
 _T = TypeVar("_T")
-
-
-def _read_tier(node: str, inputs: tuple[str, ...]) -> str:
-    """The tier of the nearest copy among ``inputs`` for a step that ran on ``node``."""
-    if not inputs:
-        return UNKNOWN
-    if f"lmdb:{node}" in inputs:  # location names: storage/FORMAT.md section 5
-        return LOCAL
-    return PEER if any(loc.startswith("lmdb:") for loc in inputs) else REMOTE
 
 
 def _write_kinds(node: str, locations: tuple[str, ...]) -> tuple[str, ...]:
@@ -144,6 +144,61 @@ def host_memory() -> MemorySample | None:
     return MemorySample(sum(rss), len(rss), max(rss, default=0), me.memory_info().rss)
 
 
+@dataclass(slots=True)
+class StepUsage:
+    """One step's resource and cache figures, kept up to date per committed block.
+
+    The live table (:mod:`tierflow.engine.progress`) reads these; ``to_json`` writes
+    them. Memory figures come from the workers (:mod:`tierflow.engine.rss`).
+
+    Attributes:
+        cpus, gpus: What one running attempt holds.
+        workers: ``(node, pid)`` -> ``(time, rss, memory tier bytes)`` of the worker
+            processes that committed a block of this step, at their latest report.
+        rss_peak: The highest worker RSS seen while a step ran, in bytes.
+        grew_peak: The most a single step added to its worker's RSS (peak - start).
+        reads: Read tier -> ``[blocks, bytes]`` (measured in the worker).
+        held: Write tier (``local``, ``peer``, ``remote``) -> bytes of this step's blocks
+            written there and not consumed yet.
+        spilled: Bytes of blocks that could not stay on their writer's LMDB (full or down)
+            and went to peers or the durable store instead.
+    """
+
+    cpus: float
+    gpus: float = 0.0
+    workers: dict[tuple[str, int], tuple[float, int, int]] = field(default_factory=dict)
+    rss_peak: int = 0
+    grew_peak: int = 0
+    reads: dict[str, list[int]] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    spilled: int = 0
+    rss_now: int = 0  # the fresh workers' RSS, summed (at the last sample)
+    memory_tier_now: int = 0  # ... their memory tiers' bytes, summed
+
+    def hit_ratio(self) -> float | None:
+        """Share of cache reads served on the node (memory or local LMDB); None before any."""
+        cached = sum(n for tier, (n, _) in self.reads.items() if tier != SOURCE)
+        if not cached:
+            return None
+        near = sum(self.reads.get(t, (0, 0))[0] for t in (MEMORY, LOCAL))
+        return near / cached
+
+    def refresh(self, now: float) -> None:
+        """Sum the workers that reported within ``WORKER_FRESH_S``; forget the others."""
+        stale = [w for w, (t, _, _) in self.workers.items() if now - t > WORKER_FRESH_S]
+        for w in stale:
+            del self.workers[w]
+        self.rss_now = sum(rss for _, rss, _ in self.workers.values())
+        self.memory_tier_now = sum(m for _, _, m in self.workers.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rss_now": self.rss_now, "rss_peak": self.rss_peak, "step_memory_peak": self.grew_peak,
+            "workers": len(self.workers), "held": dict(sorted(self.held.items())),
+            "memory_tier": self.memory_tier_now, "spilled": self.spilled,
+        }
+
+
 @dataclass
 class _Series:
     """Columns sampled together (``t`` plus one list per name), thinned when full."""
@@ -207,15 +262,16 @@ class Telemetry:
         self._next_at = self._t0  # the first round samples at once
         self._memory_at = self._t0
         n = len(self.steps)
-        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus")
+        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus", "rss")
         self._timeline = [_Series(per_step) for _ in range(n)]
+        self.usage = [StepUsage(s.cpus, s.gpus) for s in self.steps]
+        self._live: dict[tuple[int, int], tuple[tuple[str, ...], int]] = {}  # (step, block) -> held copies
+        self._kept = [False] * n  # steps whose blocks are never consumed (checkpoints)
         self._mem = _Series(("workers_rss", "workers", "max_worker_rss", "driver_rss"))
         self._faults: list[dict[str, Any]] = []
         self._fault_counts: Counter[str] = Counter()
         self._seen: list[dict[str, int]] = [{} for _ in range(n)]  # counters at the last sample
-        self._reads: list[dict[str, int]] = [{} for _ in range(n)]  # tier -> steps that read there
         self._writes: list[dict[tuple[str, ...], list[int]]] = [{} for _ in range(n)]  # tiers -> [count, bytes]
-        self._tier_of: dict[tuple[str, tuple[str, ...]], str] = {}
         self._kinds_of: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._sink_step = n - 1
         self.latest: dict[str, Any] = {}
@@ -232,7 +288,9 @@ class Telemetry:
             StepResources(s.name, s.config.num_cpus, float(getattr(s.config, "num_gpus", 0.0)))
             for s in plan.stages
         ]
-        return cls(plan.manifest.name, [*steps, StepResources(SINK, SINK_CPUS)], **kwargs)
+        telemetry = cls(plan.manifest.name, [*steps, StepResources(SINK, SINK_CPUS)], **kwargs)
+        telemetry._kept = [s.config.checkpoint for s in plan.stages] + [True]
+        return telemetry
 
     # -- what the executor calls -------------------------------------------------------
 
@@ -248,10 +306,11 @@ class Telemetry:
         self._next_at = now + self._interval
         t = round(now - self._t0, 3)
         steps = []
-        for i, (v, res) in enumerate(zip(views, self.steps)):
+        for i, (v, res, use) in enumerate(zip(views, self.steps, self.usage)):
+            use.refresh(now)
             fig = {
                 "done": v.done, "rows_out": v.rows_out, "inflight": v.inflight, "queued": v.queued,
-                "cpus": v.inflight * res.cpus, "gpus": v.inflight * res.gpus,
+                "cpus": v.inflight * res.cpus, "gpus": v.inflight * res.gpus, "rss": use.rss_now,
             }
             self._timeline[i].add(t, fig)
             self._note_counters(i, v, t)
@@ -264,44 +323,71 @@ class Telemetry:
         memory = self._probe_memory(now, t, force)
         self.latest = {
             "t": t, "steps": steps, "memory": memory, "faults": dict(self._fault_counts),
-            "reads": [dict(r) for r in self._reads],
+            "reads": [{k: n for k, (n, _) in u.reads.items()} for u in self.usage],
+            "read_bytes": [{k: b for k, (_, b) in u.reads.items()} for u in self.usage],
+            "usage": [u.as_json() for u in self.usage],
             "writes": [{k: tuple(v) for k, v in self._write_totals(i).items()} for i in range(len(self.steps))],
         }
         return True
 
-    def block(self, step: int, outcome: Outcome, inputs: tuple[str, ...]) -> None:
-        """Count a committed step's read and writes.
+    def block(self, step: int, outcome: Outcome, block: int = -1) -> None:
+        """Count a committed step's read, its worker's memory and its writes.
 
-        The read is counted for the nearest copy the step was pointed at: ``local`` (a
-        copy on the node it ran on: its memory or LMDB tier), else ``peer``, else
-        ``remote`` (``source`` for the first stage, ``unknown`` when the driver knew no
-        copy, e.g. after a resume). The cache reads in that order, so this is where it
-        read unless that copy had been evicted or was bad. Exact counts per tier would
-        need the worker's cache to report its hit with the outcome.
-        Writes are exact: each copy in the output's locations, with its size.
+        The read is the tier the worker's cache served it from (``Outcome.read_tier``:
+        ``memory``, ``local`` LMDB, ``peer``, ``remote``, or ``source`` for the first
+        stage; ``unknown`` when the outcome does not say, e.g. from a test backend).
+        Writes are exact: each copy in the output's locations, with its size; they count
+        as held (per tier) until :meth:`consumed` is told the block is no longer needed.
         """
-        # Both classifications are memoised by (node, locations): the combinations are few
-        # (nodes x replica sets), the outcomes many (2.4M at 120k blocks x 20 stages).
-        node = outcome.node
-        if step == 0:
-            tier = SOURCE
+        use = self.usage[step]
+        tier = _READ_NAMES.get(outcome.read_tier, UNKNOWN)
+        entry = use.reads.get(tier)
+        if entry is None:
+            use.reads[tier] = [1, outcome.read_bytes]
         else:
-            tier = self._tier_of.get((node, inputs)) or self._memo(self._tier_of, (node, inputs), _read_tier)
-        reads = self._reads[step]
-        reads[tier] = reads.get(tier, 0) + 1
+            entry[0] += 1
+            entry[1] += outcome.read_bytes
+        node = outcome.node
+        if outcome.pid:
+            use.workers[(node, outcome.pid)] = (self._clock(), outcome.rss_end, outcome.memory_tier_bytes)
+            if outcome.rss_peak > use.rss_peak:
+                use.rss_peak = outcome.rss_peak
+            grew = outcome.rss_peak - outcome.rss_start
+            if grew > use.grew_peak:
+                use.grew_peak = grew
         meta = outcome.meta
         kinds: tuple[str, ...]
         if step == self._sink_step:
             kinds, nbytes = (SINK,), meta.bytes
         else:
+            # memoised by (node, locations): the combinations are few (nodes x replica
+            # sets), the outcomes many (2.4M at 120k blocks x 20 stages)
             key = (node, meta.locations)
             kinds, nbytes = self._kinds_of.get(key) or self._memo(self._kinds_of, key, _write_kinds), meta.nbytes
-        entry = self._writes[step].get(kinds)
-        if entry is None:
+            held = use.held
+            for kind in kinds:
+                held[kind] = held.get(kind, 0) + nbytes
+            if LOCAL not in kinds:
+                use.spilled += nbytes
+            if not self._kept[step] and block >= 0:
+                self._live[(step, block)] = (kinds, nbytes)
+        written = self._writes[step].get(kinds)
+        if written is None:
             self._writes[step][kinds] = [1, nbytes]
         else:
-            entry[0] += 1
-            entry[1] += nbytes
+            written[0] += 1
+            written[1] += nbytes
+
+    def consumed(self, step: int, block: int) -> None:
+        """``block``'s output of ``step`` was read by the next step and goes away: it no
+        longer counts as held. (It is deleted after the next journal flush, seconds later.)"""
+        entry = self._live.pop((step, block), None)
+        if entry is None:
+            return
+        kinds, nbytes = entry
+        held = self.usage[step].held
+        for kind in kinds:
+            held[kind] -= nbytes
 
     @staticmethod
     def _memo(memo: dict[tuple[str, tuple[str, ...]], _T], key: tuple[str, tuple[str, ...]],
@@ -342,7 +428,9 @@ class Telemetry:
             steps.append({
                 "name": res.name, "cpus_per_attempt": res.cpus, "gpus_per_attempt": res.gpus,
                 "t": series.t, **series.cols,
-                "reads": dict(sorted(self._reads[i].items())),
+                "reads": {k: n for k, (n, _) in sorted(self.usage[i].reads.items())},
+                "read_bytes": {k: b for k, (_, b) in sorted(self.usage[i].reads.items())},
+                **self.usage[i].as_json(),
                 "writes": {k: {"count": c, "bytes": b} for k, (c, b) in sorted(self._write_totals(i).items())},
             })
         return {
