@@ -189,6 +189,70 @@ def cache_gc(manifest: str | None, pipeline: str | None) -> None:
 
 
 @main.group()
+def bench() -> None:
+    """Measure this machine: how fast the configured cache moves blocks."""
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from tierflow.cache.bench import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@bench.command("cache")
+@click.option("-m", "--manifest", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Measure this manifest's cache (default: the embedded defaults, ./.tierflow).")
+@click.option("--dir", "cache_dir", default=None, help="Cache directory (overrides the manifest's cache.dir).")
+@click.option("--remote-url", default=None, help="Durable store URL (overrides the manifest's cache.remote_url).")
+@click.option("-s", "--block-size", default="4M", show_default=True, callback=_size,
+              help="Bytes per block: 64K, 4M, 1G or a number.")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=None,
+              help="Operations per figure (default: about 256 MiB of traffic, 3 to 1000).")
+@click.option("-t", "--tier", "tiers", multiple=True, type=click.Choice(["memory", "lmdb", "remote"]),
+              help="Only these tiers (repeatable; default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of a table.")
+def bench_cache(manifest: str | None, cache_dir: str | None, remote_url: str | None, block_size: int,
+                count: int | None, tiers: tuple[str, ...], as_json: bool) -> None:
+    """Write and read throughput of each cache tier for one block size.
+
+    Runs on scratch copies beside the configured cache (same disk, same store): your
+    cached blocks are never read, written or evicted. Exit 1 if a tier fails.
+    """
+    import dataclasses
+
+    from tierflow.cache.bench import TIERS, bench_tiers, human
+    from tierflow.manifest import CacheConfig, load_manifest
+    from tierflow.workspace import cache_settings_from
+
+    with _exit_codes():
+        m = load_manifest(manifest) if manifest else None
+        settings = (cache_settings_from(m.cache, m.resolve) if m is not None
+                    else cache_settings_from(CacheConfig(), lambda p: str(Path(p).resolve())))
+        if cache_dir is not None:
+            settings = dataclasses.replace(settings, root=str(Path(cache_dir).resolve()))
+        if remote_url is not None:
+            settings = dataclasses.replace(settings, remote_url=remote_url)
+        figures = bench_tiers(settings, block_size, count, tiers or TIERS)
+    if as_json:
+        doc = {"block_size": block_size, "dir": settings.root, "figures": [f.as_dict() for f in figures]}
+        click.echo(json.dumps(doc, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"cache tiers, {human(block_size)} blocks ({settings.root})", title_justify="left")
+    for col in ("tier", "op", "ops", "MB/s", "p50 ms", "p90 ms", "p99 ms", "max ms"):
+        t.add_column(col, justify="left" if col in ("tier", "op") else "right")
+    for f in figures:
+        t.add_row(f.tier, f.op, str(f.ops), f"{f.mb_s:,.0f}", f"{f.p50_ms:.3f}", f"{f.p90_ms:.3f}",
+                  f"{f.p99_ms:.3f}", f"{f.max_ms:.3f}")
+    Console().print(t)
+
+
+@main.group()
 def triton() -> None:
     """The Triton model repository, and Triton servers deployed on the Ray cluster."""
 
