@@ -15,6 +15,11 @@ the call after ``ready_timeout_s``, and a request that keeps failing after
 ``max_attempts`` sends. :meth:`TritonStageClient.endpoint_stats` shows each endpoint's
 health and counters.
 
+Same-host servers (:mod:`tierflow.triton.shared_memory`): a request of at least
+``shared_memory_min_bytes`` of numeric tensors to a server on this host puts them in a
+pooled system shared-memory region instead of the gRPC message; a server that refuses
+gets the wire.
+
 Every ``tritonclient``/gRPC failure is translated in one place, :func:`map_triton_errors`,
 into :class:`~tierflow.errors.TritonUnavailable` (retryable: the server or network is in
 trouble) or :class:`~tierflow.errors.ModelError` (never retried: the request or the model is
@@ -42,9 +47,10 @@ import queue
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +61,13 @@ from tierflow.triton.convert import column_to_tensor, numpy_dtype, tensor_to_col
 from tierflow.triton.endpoints import Endpoint, EndpointPool, EndpointStats, RetryPolicy
 from tierflow.triton.errors import map_triton_errors
 from tierflow.triton.repository import ModelSpec, spec_from_config
+from tierflow.triton.shared_memory import (
+    DEFAULT_MIN_BYTES,
+    Layout,
+    Region,
+    SharedMemoryPool,
+    request_layout,
+)
 
 __all__ = ["TritonStageClient"]
 
@@ -108,6 +121,11 @@ class TritonStageClient:
             (a seam for tests; must be picklable, e.g. a module-level function).
         clock: Monotonic seconds for cool-downs and readiness deadlines (a seam for tests,
             to go with ``sleep``).
+        shared_memory: ``"auto"``: requests to a server on this host carry their numeric
+            tensors in system shared memory when they hold at least
+            ``shared_memory_min_bytes`` of them; ``"off"``: always over gRPC.
+        shared_memory_min_bytes: Smallest request (input + output bytes) that uses shared
+            memory.
     """
 
     def __init__(
@@ -125,6 +143,8 @@ class TritonStageClient:
         client_factory: Callable[[str], Any] = _default_factory,
         clock: Callable[[], float] = time.monotonic,
         model_version: str = "",
+        shared_memory: Literal["auto", "off"] = "auto",
+        shared_memory_min_bytes: int = DEFAULT_MIN_BYTES,
     ) -> None:
         urls = (url,) if isinstance(url, str) else tuple(url)
         if not urls or not all(isinstance(u, str) and u for u in urls):
@@ -141,6 +161,10 @@ class TritonStageClient:
             raise ValueError("inputs and outputs must each map at least one tensor")
         if len(set(outputs.values())) != len(outputs):
             raise ValueError(f"two output tensors map to the same column: {dict(outputs)}")
+        if shared_memory not in ("auto", "off"):
+            raise ValueError(f"shared_memory must be 'auto' or 'off', got {shared_memory!r}")
+        if shared_memory_min_bytes < 0:
+            raise ValueError(f"shared_memory_min_bytes must be >= 0, got {shared_memory_min_bytes}")
         self.urls = urls
         #: The endpoints as errors name them: the URL, or the URLs joined by ", ".
         self.url = ", ".join(urls)
@@ -155,6 +179,8 @@ class TritonStageClient:
         self.sleep = sleep
         self.client_factory = client_factory
         self.clock = clock
+        self.shared_memory = shared_memory
+        self.shared_memory_min_bytes = shared_memory_min_bytes
         self._spec: ModelSpec | None = None
         self._init_transient()
 
@@ -162,6 +188,10 @@ class TritonStageClient:
         self._pool = EndpointPool(self.urls, self.client_factory, self.retry, self.clock)
         self._spec_lock = threading.Lock()
         self._rng = random.Random()
+        self._shm = SharedMemoryPool(self.model)
+        # Unregister and unlink the regions when the client goes or the process exits (an
+        # actor's teardown); the finalizer holds the pool, not the client.
+        self._shm_finalizer = weakref.finalize(self, self._shm.close)
         #: Called when every endpoint is out of rotation, before each backoff and readiness
         #: poll: a hook that may call :meth:`set_endpoints` with fresh ones (a deployment's
         #: replacement servers). Not pickled.
@@ -169,7 +199,7 @@ class TritonStageClient:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_pool", "_spec_lock", "_rng", "on_all_out"):
+        for key in ("_pool", "_spec_lock", "_rng", "on_all_out", "_shm", "_shm_finalizer"):
             state.pop(key, None)
         return state
 
@@ -203,7 +233,9 @@ class TritonStageClient:
         urls = tuple(urls)
         if len(set(urls)) != len(urls):
             raise ValueError(f"url lists an endpoint twice: {list(urls)}")
+        gone = [u for u in self.urls if u not in urls]
         if self._pool.replace(urls, prefer):
+            self._shm.close(gone)
             self.urls = urls
             self.url = ", ".join(urls) or "(no endpoint)"
 
@@ -230,8 +262,14 @@ class TritonStageClient:
             return self._spec
 
     def close(self) -> None:
-        """Close every gRPC channel (a later call reconnects). Idempotent."""
+        """Release the shared-memory regions and close every gRPC channel (a later call
+        reconnects). Call it with no ``infer_table`` running. Idempotent."""
+        self._shm.close()
         self._pool.close()
+
+    def shared_memory_regions(self, url: str) -> list[str]:
+        """Names of the shared-memory regions this process holds on ``url``."""
+        return self._shm.registered(url)
 
     def _check_mapping(self, spec: ModelSpec) -> None:
         for tensor in self.inputs.values():
@@ -274,6 +312,7 @@ class TritonStageClient:
                     result = fn(self._pool.client(ep))
             except TritonUnavailable as exc:
                 self._pool.failed(ep, epoch, exc.reason)
+                self._shm.reset(ep.url)
                 if attempt >= self.retry.max_attempts:
                     raise self._gave_up(ep.url, exc, attempt) from exc
                 reason = exc.reason
@@ -405,6 +444,52 @@ class TritonStageClient:
             table = table.append_column(column, tensor_to_column(array, out_spec))
         return table
 
+    def _make_request(
+        self,
+        spec: ModelSpec,
+        arrays: dict[str, np.ndarray],
+        lo: int,
+        hi: int,
+        ep: Endpoint,
+        wire_outputs: list[Any],
+    ) -> tuple[list[Any], list[Any], tuple[Region, Layout] | None]:
+        """The inputs and requested outputs of rows ``lo:hi`` for ``ep``, and the leased
+        shared-memory region with its layout if the request goes that way."""
+        layout = None
+        if self.shared_memory == "auto" and not self._shm.uses_wire(ep.url):
+            layout = request_layout(spec, arrays, self.outputs, lo, hi)
+        region = None
+        if layout is not None and layout.nbytes >= self.shared_memory_min_bytes:
+            region = self._shm.acquire(ep.url, layout.nbytes, self._pool.client(ep))
+        if region is None or layout is None:
+            return self._make_inputs(spec, arrays, lo, hi), wire_outputs, None
+        try:
+            shared = {t: (offset, n) for t, offset, n in layout.inputs}
+            infer_inputs = []
+            for tensor, array in arrays.items():
+                part = array[lo:hi]
+                inp = grpcclient.InferInput(tensor, list(part.shape), spec.inputs[tensor].dtype)
+                if tensor in shared:
+                    offset, n = shared[tensor]
+                    region.write(part, offset)
+                    inp.set_shared_memory(region.name, n, offset=offset)
+                else:
+                    with map_triton_errors(self.url, self.model):
+                        inp.set_data_from_numpy(part)
+                infer_inputs.append(inp)
+            placed = {t: (offset, n) for t, offset, n, _ in layout.outputs}
+            requested = []
+            for tensor in self.outputs:
+                out = grpcclient.InferRequestedOutput(tensor)
+                if tensor in placed:
+                    offset, n = placed[tensor]
+                    out.set_shared_memory(region.name, n, offset=offset)
+                requested.append(out)
+        except BaseException:
+            self._shm.release(ep.url, region, reusable=True)  # never sent
+            raise
+        return infer_inputs, requested, (region, layout)
+
     def _make_inputs(
         self, spec: ModelSpec, arrays: dict[str, np.ndarray], lo: int, hi: int
     ) -> list[Any]:
@@ -432,14 +517,26 @@ class TritonStageClient:
         endpoint. Only when this call has nothing in flight and nothing can be sent does it
         wait (:meth:`_wait_for_endpoint`): one backoff and readiness wait per outage, not
         one per request.
+
+        A request in shared memory holds its region until its answer is read. A server
+        that answers that it does not know the region lost its registrations (it
+        restarted): the endpoint's regions are dropped and the request resent, which
+        registers new ones.
         """
         requested = [grpcclient.InferRequestedOutput(t) for t in self.outputs]
         done: queue.SimpleQueue[tuple[int, Any, Any]] = queue.SimpleQueue()
         pending: deque[int] = deque(range(len(bounds)))
         attempts = [0] * len(bounds)
         calls: dict[int, tuple[Any, Endpoint, int]] = {}  # request -> (call, endpoint, epoch)
+        leases: dict[int, tuple[Region, Layout]] = {}  # request -> its shared memory
         remaining = len(bounds)
         last_reason = ""
+
+        def release(i: int, url: str, reusable: bool) -> None:
+            lease = leases.pop(i, None)
+            if lease is not None:
+                self._shm.release(url, lease[0], reusable=reusable)
+
         try:
             while remaining:
                 while pending and len(calls) < self.max_inflight:
@@ -451,14 +548,18 @@ class TritonStageClient:
                     lo, hi = bounds[i]
                     attempts[i] += 1
                     try:
-                        infer_inputs = self._make_inputs(spec, arrays, lo, hi)
+                        infer_inputs, outputs, lease = self._make_request(
+                            spec, arrays, lo, hi, ep, requested
+                        )
+                        if lease is not None:
+                            leases[i] = lease
                         with map_triton_errors(ep.url, self.model, served=True):
                             call = self._pool.client(ep).async_infer(
                                 self.model,
                                 infer_inputs,
                                 callback=lambda result, error, i=i: done.put((i, result, error)),
                                 model_version=self.model_version,
-                                outputs=requested,
+                                outputs=outputs,
                                 client_timeout=self.timeout_s,
                             )
                     except TritonUnavailable as exc:  # refused before it left
@@ -466,6 +567,7 @@ class TritonStageClient:
                         done.put((i, None, exc))
                         continue
                     except BaseException:
+                        release(i, ep.url, reusable=False)
                         self._pool.dropped(ep, epoch)
                         raise
                     calls[i] = (call, ep, epoch)
@@ -483,27 +585,40 @@ class TritonStageClient:
                 _, ep, epoch = calls.pop(i)
                 if error is None:
                     self._pool.succeeded(ep, epoch)
-                    self._collect(result, spec, bounds[i], i, parts, ep.url)
+                    try:
+                        self._collect(result, spec, bounds[i], i, parts, ep.url, leases.get(i))
+                    finally:
+                        release(i, ep.url, reusable=True)
                     remaining -= 1
                     continue
                 try:
                     with map_triton_errors(ep.url, self.model, served=True):
                         raise error
                 except TritonUnavailable as exc:
-                    self._pool.failed(ep, epoch, exc.reason)
+                    if i in leases and self._shm.owns(ep.url, exc.reason):
+                        # It answered, but without our registrations: a restarted server.
+                        self._shm.reset(ep.url)
+                        release(i, ep.url, reusable=False)
+                        self._pool.succeeded(ep, epoch)
+                    else:
+                        release(i, ep.url, reusable=False)  # it may still write into it
+                        self._pool.failed(ep, epoch, exc.reason)
+                        self._shm.reset(ep.url)
                     if attempts[i] >= self.retry.max_attempts:
                         raise self._gave_up(ep.url, exc, attempts[i]) from exc
                     last_reason = exc.reason
                     pending.appendleft(i)
                 except BaseException:
+                    release(i, ep.url, reusable=True)  # it answered: done with the region
                     self._pool.succeeded(ep, epoch)  # it answered; the answer is the problem
                     raise
         finally:
-            for call, ep, epoch in calls.values():  # only non-empty when raising
+            for i, (call, ep, epoch) in calls.items():  # only non-empty when raising
                 self._pool.dropped(ep, epoch)
                 if call is not None:
                     with contextlib.suppress(Exception):
                         call.cancel()
+                release(i, ep.url, reusable=False)
 
     def _collect(
         self,
@@ -513,8 +628,10 @@ class TritonStageClient:
         i: int,
         parts: dict[str, list[np.ndarray]],
         url: str,
+        lease: tuple[Region, Layout] | None = None,
     ) -> None:
         rows = bound[1] - bound[0]
+        shared = {} if lease is None else {t: offset for t, offset, _, _ in lease[1].outputs}
         for tensor in self.outputs:
             out_spec = spec.outputs[tensor]
             meta = result.get_output(tensor)
@@ -534,6 +651,11 @@ class TritonStageClient:
                 raise ModelError(
                     self.model, f"{where} has shape {list(shape)}, expected {list(expected)}"
                 )
+            if lease is not None and tensor in shared:
+                # The server wrote it into our region (it fails the request when the
+                # tensor does not fit); copy it out, the region is reused.
+                parts[tensor][i] = lease[0].read(numpy_dtype(out_spec), shape, shared[tensor])
+                continue
             try:
                 array = result.as_numpy(tensor)
             except ValueError as exc:  # raw content does not fill the declared shape
