@@ -1,6 +1,10 @@
 """Cache tier throughput and latency next to each tier's ceiling, measured in the same run
 on the same bytes.
 
+(Users measure their own cache with ``tierflow bench cache``, ``tierflow/cache/bench.py``:
+each tier alone, on the configured directory and store. This script shares its sizes and
+figures and adds what only a developer needs: the ceilings, the codec, ratios.)
+
 Command behind ``docs/cache-benchmarks.md``::
 
     /tmp/venv/bin/python tools/bench_cache.py --json /tmp/bench-cache.json
@@ -53,18 +57,16 @@ This is a script, not a test: it is never collected by pytest.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import lmdb
@@ -72,7 +74,9 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
+from _harness import machine, parser, write_json
 from tierflow.cache import codec
+from tierflow.cache.bench import Figure, figure, human, parse_size
 from tierflow.cache.tiers.lmdb import LmdbTier
 from tierflow.cache.tiers.memory import MemoryTier
 from tierflow.cache.tiers.remote import RemoteTier
@@ -91,18 +95,6 @@ def iterations(size: int, quick: bool) -> int:
 def working_set(size: int) -> int:
     """Distinct blocks read in turn: ~128 MiB worth, between 2 and 64."""
     return max(2, min(64, math.ceil(128 * MiB / size)))
-
-
-def parse_size(text: str) -> int:
-    units = {"K": KiB, "M": MiB, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def human(size: int) -> str:
-    return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
 
 
 def make_payload(size: int, seed: int = 0) -> bytes:
@@ -132,37 +124,12 @@ def _ipc_stream(rows: int, seed: int) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-@dataclass
-class Figure:
-    """Latency distribution of one operation at one size."""
-
-    op: str
-    size: int
-    n: int
-    mb_s: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-
-
-def summarize(op: str, size: int, samples: list[float], nbytes: int) -> Figure:
-    s = sorted(samples)
-
-    def pct(q: float) -> float:
-        return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] * 1e3
-
-    p50 = statistics.median(s)
-    return Figure(op, size, len(s), nbytes / p50 / 1e6, p50 * 1e3, pct(0.9), pct(0.99), s[-1] * 1e3)
-
-
 def measure_pair(
     size: int,
     n: int,
     ceiling: tuple[str, Callable[[int], Any]],
     tier: tuple[str, Callable[[int], Any]],
     warmup: int = 2,
-    nbytes: int | None = None,
 ) -> tuple[Figure, Figure]:
     """Run ceiling and tier operations alternately, one each in turn, after a warm-up.
 
@@ -184,8 +151,7 @@ def measure_pair(
         end = time.perf_counter()
         c_samples.append(middle - start)
         t_samples.append(end - middle)
-    moved = size if nbytes is None else nbytes  # MB/s counts payload bytes
-    return summarize(c_name, size, c_samples, moved), summarize(t_name, size, t_samples, moved)
+    return figure("ceiling", c_name, size, c_samples), figure("tier", t_name, size, t_samples)
 
 
 class Bench:
@@ -206,7 +172,7 @@ class Bench:
             {"group": group, "repeat": self.repeat, "ceiling": asdict(ceiling), "tier": asdict(tier), "ratio": ratio}
         )
         print(
-            f"{human(tier.size):>7}  {group:<17} tier {tier.mb_s:9.0f} MB/s "
+            f"{human(tier.block_size):>7}  {group:<17} tier {tier.mb_s:9.0f} MB/s "
             f"(p50 {tier.p50_ms:8.3f} p99 {tier.p99_ms:8.3f} ms)  "
             f"ceiling {ceiling.op:<22} {ceiling.mb_s:9.0f} MB/s "
             f"(p50 {ceiling.p50_ms:8.3f} p99 {ceiling.p99_ms:8.3f} ms)  ratio {ratio:5.2f}",
@@ -455,7 +421,7 @@ def summary(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for pair in pairs:
         if "ratio" in pair:
-            grouped.setdefault((pair["group"], pair["tier"]["size"]), []).append(pair)
+            grouped.setdefault((pair["group"], pair["tier"]["block_size"]), []).append(pair)
     rows = []
     for (group, size), runs in grouped.items():
         med = statistics.median
@@ -506,39 +472,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "host": platform.node(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "lmdb": lmdb.version(),
-        "pyarrow": pa.__version__,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-        with open("/proc/meminfo") as f:
-            info["mem_kib"] = int(f.readline().split()[1])
-    except OSError:
-        pass
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default=",".join(human(s).replace(" ", "").replace("iB", "") for s in DEFAULT_SIZES))
-    parser.add_argument("--dir", default=None, help="scratch directory on the disk under test")
-    parser.add_argument("--json", dest="json_path", default=None, help="write figures and ratios here")
-    parser.add_argument("--no-ray", action="store_true", help="skip the Ray object store ceiling")
-    parser.add_argument("--s3", action="store_true", help="also measure against a local moto S3 server")
-    parser.add_argument(
+    ap = parser(__doc__, "write figures and ratios here")
+    ap.add_argument("--sizes", default=",".join(human(s).replace(" ", "").replace("iB", "") for s in DEFAULT_SIZES))
+    ap.add_argument("--dir", default=None, help="scratch directory on the disk under test")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray object store ceiling")
+    ap.add_argument("--s3", action="store_true", help="also measure against a local moto S3 server")
+    ap.add_argument(
         "--s3-endpoint", default=None,
         help="measure against this S3 endpoint instead of moto (e.g. SeaweedFS: http://127.0.0.1:8333)",
     )
-    parser.add_argument("--quick", action="store_true", help="a quarter of the iterations")
-    parser.add_argument("--repeat", type=int, default=3, help="passes over every size (medians are reported)")
-    args = parser.parse_args(argv)
+    ap.add_argument("--quick", action="store_true", help="a quarter of the iterations")
+    ap.add_argument("--repeat", type=int, default=3, help="passes over every size (medians are reported)")
+    args = ap.parse_args(argv)
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     root = args.dir or tempfile.mkdtemp(prefix="tierflow-bench-")
@@ -571,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary(bench.pairs)
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": machine(),
+        "machine": machine(lmdb=lmdb.version()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
         "repeats": args.repeat,
@@ -583,10 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     print(json.dumps(result["ratios"], indent=2))
     print(f"total {result['seconds']} s")
-    if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 
