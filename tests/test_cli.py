@@ -8,12 +8,16 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from click.testing import CliRunner
 
 from example_copy import ROOT
+from tierflow.cli import main
+from tierflow.manifest import Manifest
 
 
 def free_port() -> int:
@@ -111,3 +115,59 @@ def test_status_reads_the_journal_without_importing_ray(tmp_path) -> None:  # ty
     assert proc.returncode == 0, proc.stderr
     assert "quiet: " in proc.stdout and "0/1" in proc.stdout  # one block, not done
     assert proc.stdout.strip().endswith("NO-RAY 0")
+
+
+def _quiet_manifest(tmp_path: Path, **extra: object) -> Path:
+    import yaml
+
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "a.csv").write_text("id\n1\n2\n")
+    doc = {"name": "quiet", "source": {"format": "csv", "path": "data/"},
+           "stages": [{"name": "s", "kind": "python", "fn": "pyarrow:Table.flatten"}], "sink": {"path": "out/"},
+           **extra}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc))
+    return tmp_path / "m.yaml"
+
+
+def test_metrics_port_flag_overrides_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tierflow.driver
+
+    seen: list[object] = []
+
+    def fake_run(manifest: object, **kwargs: object) -> dict[str, object]:
+        seen.append(manifest)
+        return {"pipeline": "quiet", "rows_out": 0, "elapsed_s": 0.0}
+
+    monkeypatch.setattr(tierflow.driver, "run_pipeline", fake_run)
+    path = _quiet_manifest(tmp_path, metrics={"port": 9000, "host": "127.0.0.1"})
+    assert CliRunner().invoke(main, ["run", "--quiet", "--metrics-port", "9123", str(path)]).exit_code == 0
+    m = seen[-1]
+    assert isinstance(m, Manifest) and (m.metrics.port, m.metrics.host) == (9123, "127.0.0.1")
+    assert m.base_dir == str(tmp_path)  # relative paths still resolve against the manifest
+    assert CliRunner().invoke(main, ["run", "--quiet", str(path)]).exit_code == 0
+    assert seen[-1] == str(path)  # no flag: the manifest as it is
+    assert CliRunner().invoke(main, ["run", "--metrics-port", "70000", str(path)]).exit_code == 2
+
+
+def test_status_shows_bytes_per_tier_and_the_last_runs_reads(tmp_path: Path) -> None:
+    import json
+
+    from tierflow.engine.journal import Journal
+    from tierflow.manifest import load_manifest
+    from tierflow.workspace import cache_settings, open_journal, plan_manifest
+
+    path = _quiet_manifest(tmp_path)
+    m = load_manifest(path)
+    settings = cache_settings(m)
+    plan = plan_manifest(m)
+    j: Journal = open_journal(m, settings)
+    j.begin("quiet", 1, {s.name: s.fingerprint for s in plan.stages}, "fs")
+    j.record_block("s", 0, 2, 3 * 2**20, "c0", ("lmdb:n1", "lmdb:n2"))
+    j.finish("failed")
+    report = Path(settings.root) / "quiet" / "report.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({"telemetry": {"steps": [{"name": "s", "reads": {"source": 1}}]}}))
+    result = CliRunner().invoke(main, ["status", str(path)])
+    out = result.output
+    assert result.exit_code == 0, (out, result.exception)
+    assert "lmdb 2 (6.0M)" in out and "source 1" in out

@@ -24,5 +24,22 @@ def test_status_counts_blocks_rows_and_copies_per_location_kind(tmp_path: Path) 
     clean, embed = status.stages
     assert (clean.done, clean.held_blocks, clean.held_rows, clean.locations) == (3, 2, 17, {"lmdb": 3, "remote": 1})
     assert (embed.done, embed.held_blocks, embed.held_rows, embed.locations) == (2, 1, 10, {"lmdb": 1})
+    assert clean.bytes_at == {"lmdb": 240, "remote": 100}  # each copy counted and embed.bytes_at == {"lmdb": 100}
     assert not clean.stale and status.state == "failed" and not status.running
     assert (status.sink_parts, status.blocks, status.sink_rows) == (1, 4, 10)
+
+
+def test_status_adds_the_last_runs_reads_per_tier_from_its_report(tmp_path: Path) -> None:
+    import json
+
+    from tierflow.pipeline_status import last_reads
+
+    plan = two_stage_plan(tmp_path, blocks=4)
+    j = Journal.load(str(tmp_path / "j"))
+    j.begin("demo", 4, {s.name: s.fingerprint for s in plan.stages}, "fs")
+    report = tmp_path / "report.json"
+    steps = [{"name": "clean", "reads": {"source": 4}}, {"name": "embed", "reads": {"local": 3, "peer": 1}}]
+    report.write_text(json.dumps({"telemetry": {"steps": steps}}))
+    clean, embed = pipeline_status(plan, j, last_reads(report)).stages
+    assert clean.last_reads == {"source": 4} and embed.last_reads == {"local": 3, "peer": 1}
+    assert last_reads(tmp_path / "missing.json") == {}

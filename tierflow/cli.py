@@ -62,15 +62,23 @@ def validate(manifest: str, schema: bool) -> None:
 @click.option("--address", default=None, help="Ray cluster to join ('auto' or ray://...); overrides ray.address.")
 @click.option("--fresh", is_flag=True, help="Start over: ignore what earlier runs committed.")
 @click.option("--quiet", is_flag=True, help="No live progress table.")
-def run(manifest: str, address: str | None, fresh: bool, quiet: bool) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics on this port while the run lasts (0: any free one); "
+                   "overrides metrics.port.")
+def run(manifest: str, address: str | None, fresh: bool, quiet: bool, metrics_port: int | None) -> None:
     """Run MANIFEST: every block through every stage into the sink.
 
     Re-running the same manifest resumes: committed blocks and sink parts are reused.
     """
     from tierflow.driver import run_pipeline
+    from tierflow.manifest import Manifest, load_manifest
 
     with _exit_codes():
-        report = run_pipeline(manifest, address=address, fresh=fresh, progress_out=None if quiet else sys.stdout)
+        target: str | Manifest = manifest
+        if metrics_port is not None:  # the flag wins over the manifest (resolved here, once)
+            m = load_manifest(manifest)
+            target = m.model_copy(update={"metrics": m.metrics.model_copy(update={"port": metrics_port})})
+        report = run_pipeline(target, address=address, fresh=fresh, progress_out=None if quiet else sys.stdout)
     click.echo(f"{report['pipeline']}: {report['rows_out']} rows written in {report['elapsed_s']:.1f} s")
 
 
@@ -83,26 +91,37 @@ def status(manifest: str) -> None:
 
     from tierflow.manifest import load_manifest
     from tierflow.workspace import cache_settings, open_journal, plan_manifest
-    from tierflow.pipeline_status import pipeline_status
+    from tierflow.pipeline_status import last_reads, pipeline_status
 
     with _exit_codes():
         m = load_manifest(manifest)
-        st = pipeline_status(plan_manifest(m), open_journal(m, cache_settings(m)))
+        settings = cache_settings(m)
+        reads = last_reads(Path(settings.root) / m.name / "report.json")
+        st = pipeline_status(plan_manifest(m), open_journal(m, settings), reads)
     head = f"{st.pipeline}: {st.state}"
     if st.running:
         head += f" (run in progress: {st.holder})"
     t = Table(title=head, title_justify="left")
-    for col in ("stage", "done", "blocks held", "rows held", "copies"):
-        t.add_column(col, justify="left" if col in ("stage", "copies") else "right")
+    for col in ("stage", "done", "blocks held", "rows held", "copies (bytes)", "last run read from"):
+        t.add_column(col, justify="left" if col in ("stage", "copies (bytes)", "last run read from") else "right")
     for s in st.stages:
-        copies = ", ".join(f"{k} {v}" for k, v in sorted(s.locations.items())) or "-"
+        copies = ", ".join(
+            f"{k} {v} ({_human_bytes(s.bytes_at.get(k, 0))})" for k, v in sorted(s.locations.items())
+        ) or "-"
+        read = ", ".join(f"{k} {v}" for k, v in sorted(s.last_reads.items())) or "-"
         t.add_row(s.name + (" (changed)" if s.stale else ""), f"{s.done}/{s.total}", str(s.held_blocks),
-                  f"{s.held_rows:,}", copies)
-    t.add_row("sink", f"{st.sink_parts}/{st.blocks}", "", f"{st.sink_rows:,}", "parts")
+                  f"{s.held_rows:,}", copies, read)
+    t.add_row("sink", f"{st.sink_parts}/{st.blocks}", "", f"{st.sink_rows:,}", "parts", "")
     console = Console()
     if not console.is_terminal:
         console.width = 120
     console.print(t)
+
+
+def _human_bytes(n: int) -> str:
+    from tierflow.engine.progress import human_bytes
+
+    return human_bytes(n)
 
 
 @main.command()

@@ -257,6 +257,7 @@ def test_a_dead_server_on_a_live_node_is_started_again(cluster: Any, tmp_path: P
     assert node in watcher.nodes  # still known alive: were it lost now, lost() would report it
     watcher.serve_joined()
     assert node not in watcher.restart and watcher.restarted == 1
+    assert watcher.restarted_servers() == [node] and watcher.restarted_servers() == []  # each told once
     fresh = started_server(node, settings)
     assert fresh is not None and fresh is not dead
     assert ray.get(fresh.node.remote(), timeout=60) == node

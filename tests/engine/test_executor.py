@@ -96,3 +96,22 @@ def test_a_block_committed_with_too_few_copies_is_copied_again(tmp_path: Path) -
     settings = CacheSettings(root=str(tmp_path / "cache"), replicas=2)
     Executor(plan, Sink(plan.manifest.sink, str(tmp_path / "out")), settings, backend=backend).run()
     assert backend.asked == [(0, 2, ("lmdb:n1",))]  # the other blocks have two copies (local + durable)
+
+
+def test_a_restarted_server_is_a_fault_with_its_time_in_the_report(tmp_path: Path) -> None:
+    class Restarting(InlineBackend):
+        told = False
+
+        def restarted_servers(self) -> list[str]:
+            if self.told:
+                return []
+            self.told = True
+            return ["cache:n2"]
+
+    plan = plan_of(tmp_path)
+    report = Executor(plan, Sink(plan.manifest.sink, str(tmp_path / "out")),
+                      CacheSettings(root=str(tmp_path / "cache")), backend=Restarting(rows_per_block=10)).run()
+    assert [r["server"] for r in report["servers_restarted"]] == ["cache:n2"]
+    tel = report["telemetry"]
+    assert tel["fault_counts"]["server_restarted"] == 1
+    assert [(f["kind"], f["detail"]) for f in tel["faults"]] == [("server_restarted", "cache:n2")]
