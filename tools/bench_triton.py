@@ -41,6 +41,21 @@ rejects it; ``TritonStageClient`` caps its chunks at ``max_batch_size``), and th
 achieved batch size per system (``inference_count / execution_count`` from the model
 statistics).
 
+Shared memory vs gRPC (``--shm``), the command behind BENCHMARKS.md's "Same-host shared
+memory" section::
+
+    python tools/bench_triton.py --shm --json docs/bench-triton-shm.json
+
+One server serves an identity model (FP32 ``[256]`` per row: 1 KiB in and 1 KiB out per
+row). For each request size (``--shm-sizes``, input bytes per request, default 16 KiB to
+16 MiB) two ``TritonStageClient``\ s with ``batch_size`` = that many rows push the same
+table of several requests (about ``--shm-mib`` MiB in all, 4 to 200 requests):
+``shm`` (``shared_memory="auto"``, no size threshold: every request through system shared
+memory) and ``grpc`` (``shared_memory="off"``). They alternate within each round, the one
+that goes first swapped from round to round; figures are medians over ``--rounds`` rounds of
+the time per request, and the ratio is ``grpc / shm`` per round, then the median. Outputs are
+checked equal to the input (and between the two) before timing.
+
 This is a script, not a test: it is never collected by pytest.
 """
 
@@ -410,6 +425,99 @@ def _bench_point(ctl: Any, runners: dict[str, Callable[[pa.Table], Any]], model:
     return res
 
 
+# --------------------------------------------------------------------------- shm vs gRPC
+
+IDENTITY_WIDTH = 256  # FP32 per row: 1 KiB
+IDENTITY_CONFIG = f"""
+name: "identity"
+backend: "python"
+max_batch_size: 16384
+input [ {{ name: "X" data_type: TYPE_FP32 dims: [ {IDENTITY_WIDTH} ] }} ]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ {IDENTITY_WIDTH} ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+IDENTITY_MODEL = """
+import triton_python_backend_utils as pb
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb.InferenceResponse(output_tensors=[pb.Tensor("Y", pb.get_input_tensor_by_name(r, "X").as_numpy())])
+            for r in requests
+        ]
+"""
+DEFAULT_SHM_SIZES = "16K,64K,128K,256K,1M,4M,16M"
+
+
+def parse_size(text: str) -> int:
+    """``"64K"`` -> 65536, ``"4M"`` -> 4194304, ``"512"`` -> 512."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+
+
+def human(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
+
+
+def bench_shm(sizes: list[int], inflights: list[int], rounds: int, total_mib: float) -> list[dict[str, Any]]:
+    """Shared memory vs gRPC through ``TritonStageClient``, per request size and in-flight."""
+    row_bytes = IDENTITY_WIDTH * 4
+    tmp = Path(tempfile.mkdtemp(prefix="bench-triton-shm-"))
+    (tmp / "identity" / "1").mkdir(parents=True)
+    (tmp / "identity" / "config.pbtxt").write_text(IDENTITY_CONFIG)
+    (tmp / "identity" / "1" / "model.py").write_text(IDENTITY_MODEL)
+    out: list[dict[str, Any]] = []
+    try:
+        with TritonServer(tmp) as server:
+            url = server.grpc_url
+            for size in sizes:
+                rows = max(1, size // row_bytes)
+                requests = max(4, min(200, int(total_mib * (1 << 20)) // (rows * row_bytes)))
+                x = np.random.default_rng(size).standard_normal((rows * requests, IDENTITY_WIDTH)).astype(np.float32)
+                table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), IDENTITY_WIDTH)})
+                for inflight in inflights:
+                    clients = {
+                        way: TritonStageClient(
+                            url, "identity", {"x": "X"}, {"Y": "y"}, batch_size=rows, max_inflight=inflight,
+                            shared_memory="auto" if way == "shm" else "off", shared_memory_min_bytes=0,
+                        )
+                        for way in ("shm", "grpc")
+                    }
+                    try:
+                        got = {way: c.infer_table(table) for way, c in clients.items()}  # warm-up + check
+                        same = got["shm"].equals(got["grpc"]) and np.array_equal(
+                            got["shm"].column("y").combine_chunks().flatten().to_numpy().reshape(x.shape), x)
+                        used = len(clients["shm"].shared_memory_regions(url))
+                        del got
+                        secs: dict[str, list[float]] = {"shm": [], "grpc": []}
+                        for r in range(rounds):
+                            for way in (("shm", "grpc") if r % 2 == 0 else ("grpc", "shm")):
+                                secs[way].append(timed(lambda c=clients[way]: c.infer_table(table)))
+                    finally:
+                        for c in clients.values():
+                            c.close()
+                    ratios = [g / s for g, s in zip(secs["grpc"], secs["shm"], strict=True)]
+                    res = {
+                        "request_bytes": rows * row_bytes, "rows_per_request": rows, "requests": requests,
+                        "inflight": inflight, "rounds": rounds, "outputs_match": bool(same), "shm_regions": used,
+                        "ms_per_request": {w: round(statistics.median(v) / requests * 1e3, 3) for w, v in secs.items()},
+                        "mib_per_s": {w: round(rows * row_bytes * requests / statistics.median(v) / (1 << 20), 1)
+                                      for w, v in secs.items()},
+                        "grpc_over_shm": {"median": round(statistics.median(ratios), 2),
+                                          "min": round(min(ratios), 2), "max": round(max(ratios), 2)},
+                    }
+                    out.append(res)
+                    ms, mb, q = res["ms_per_request"], res["mib_per_s"], res["grpc_over_shm"]
+                    print(f"{human(rows * row_bytes):>8s} F={inflight}  shm {ms['shm']:8.2f} ms ({mb['shm']:7.1f} MiB/s)"
+                          f"  grpc {ms['grpc']:8.2f} ms ({mb['grpc']:7.1f} MiB/s)  grpc/shm {q['median']:5.2f}"
+                          f" ({q['min']:.2f}-{q['max']:.2f})  match {same}  regions {used}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def machine() -> dict[str, Any]:
     cpu = "?"
     try:
@@ -440,7 +548,23 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the table sizes")
     ap.add_argument("--no-shm", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 rounds, a quarter of the rows")
+    ap.add_argument("--shm", action="store_true",
+                    help="instead: shared memory vs gRPC through TritonStageClient, per request size")
+    ap.add_argument("--shm-sizes", default=DEFAULT_SHM_SIZES, help="input bytes per request, e.g. 1M,4M,16M")
+    ap.add_argument("--shm-inflight", default="1,2", help="requests in flight, e.g. 1,2")
+    ap.add_argument("--shm-mib", type=float, default=48.0, help="MiB of input per measurement (4 to 200 requests)")
     args = ap.parse_args()
+    if args.shm:
+        rounds = 2 if args.quick else args.rounds
+        report_shm: dict[str, Any] = {"machine": machine(), "argv": sys.argv[1:]}
+        t0 = time.perf_counter()
+        report_shm["shm_vs_grpc"] = bench_shm(
+            [parse_size(x) for x in args.shm_sizes.split(",") if x],
+            [int(x) for x in args.shm_inflight.split(",") if x], rounds, args.shm_mib / (4 if args.quick else 1))
+        report_shm["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report_shm, indent=1))
+        return
     if args.quick:
         args.rounds, args.target_s = 2, args.target_s / 4
     models = [m for m in args.models.split(",") if m]
