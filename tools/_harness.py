@@ -12,7 +12,8 @@ measures.
 * the Ray Data baselines: ``raydata_context()`` (the reader and progress settings every
   comparison uses) and ``TritonUDF`` / ``infer_mlp()`` (the model stage a careful Ray Data
   user writes: a plain ``tritonclient`` with requests in flight).
-* a cluster: ``tierflow.testing.LocalCluster`` (re-exported here).
+
+A cluster on one machine for the multi-node benchmarks is ``tierflow.testing.LocalCluster``.
 
 Nothing here is collected by pytest.
 """
@@ -40,10 +41,8 @@ ROOT = TOOLS.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after PYTHONPATH: an engine put there first is the one measured
 
-from tierflow.testing import LocalCluster  # noqa: E402  (re-exported for the tools)
-
 __all__ = [
-    "LocalCluster", "ROOT", "TOOLS", "TritonUDF", "engine_info", "id_check", "infer_mlp", "machine", "parser",
+    "ROOT", "TOOLS", "TritonUDF", "engine_info", "id_check", "infer_mlp", "machine", "parser",
     "raydata_context", "spread", "worker_env", "write_json", "write_parquet_parts",
 ]
 
@@ -174,9 +173,10 @@ def id_check(ids: Any, expected: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------- the Ray Data baselines
 
 
-def raydata_context() -> Any:
-    """Ray Data's ``DataContext`` as every comparison here runs it: no progress bars or
-    plan banner, and the V1 Parquet reader.
+def raydata_context(v1_reader: bool = True, plan_banner: bool = False) -> Any:
+    """Ray Data's ``DataContext`` as every comparison here runs it: no progress bars, no
+    plan banner (unless ``plan_banner``: the executed plan is logged), and (``v1_reader``)
+    the V1 Parquet reader.
 
     The V1 reader makes one read block per file (or per ``override_num_blocks``), like
     tierflow's blocks. Ray 2.60's default V2 reader ignores ``override_num_blocks`` and
@@ -187,8 +187,9 @@ def raydata_context() -> Any:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.use_datasource_v2 = False
+    ctx.print_on_execution_start = plan_banner
+    if v1_reader:
+        ctx.use_datasource_v2 = False
     return ctx
 
 

@@ -64,12 +64,10 @@ import argparse
 import json
 import warnings
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -79,10 +77,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(1, str(ROOT))  # the tierflow of this checkout, in the driver as in the workers
+import _harness
+from _harness import ROOT, machine, parser, raydata_context, spread, worker_env, write_json, write_parquet_parts
 
 WORDS = (
     "battery screen fast slow great terrible cheap pricey light heavy loud quiet sturdy flimsy "
@@ -200,88 +196,24 @@ def _mark_ready(path: str | None) -> None:
             fh.write(f"{time.time()!r}\n")
 
 
-def infer_mlp(g: Any, client: Any, model: str, feats: np.ndarray, batch_size: int,
-              max_inflight: int) -> tuple[pa.Array, pa.Array]:
-    """``mlp_classifier`` on ``feats`` (n x 16 float32) with a plain tritonclient: requests
-    of ``batch_size`` rows, ``max_inflight`` of them in flight with ``async_infer``.
-    Returns the PROBS (fixed_size_list<float>[4]) and LABEL columns. Also used by
-    ``bench_recovery``'s Ray Data model stage."""
-    n = len(feats)
-    bounds = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
-    results: list[Any] = [None] * len(bounds)
-    errors: list[Any] = []
-    sem = threading.Semaphore(max_inflight)
-    requested = [g.InferRequestedOutput("PROBS"), g.InferRequestedOutput("LABEL")]
-
-    def done(i: int, result: Any, error: Any) -> None:
-        if error is not None:
-            errors.append(error)
-        results[i] = result
-        sem.release()
-
-    for i, (lo, hi) in enumerate(bounds):
-        sem.acquire()
-        if errors:
-            raise RuntimeError(errors[0])
-        inp = g.InferInput("FEATURES", [hi - lo, 16], "FP32")
-        inp.set_data_from_numpy(feats[lo:hi])
-        client.async_infer(model, [inp], outputs=requested,
-                           callback=lambda result, error, i=i: done(i, result, error))
-    for _ in range(max_inflight):
-        sem.acquire()
-    if errors:
-        raise RuntimeError(errors[0])
-    probs = np.concatenate([r.as_numpy("PROBS") for r in results])
-    label = np.concatenate([r.as_numpy("LABEL") for r in results]).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 4), pa.array(label)
-
-
-class TritonUDF:
-    """Ray Data's model stage: a callable class holding a tritonclient gRPC client.
-
-    Written the way a careful Ray Data user would: client built once per actor, the batch
-    cut into ``batch_size``-row requests (<= the model's max_batch_size), ``max_inflight``
-    of them in flight with ``async_infer``, inputs converted zero-copy from Arrow, outputs
-    appended as Arrow columns.
-    """
+class TritonUDF(_harness.TritonUDF):
+    """Ray Data's model stage (``_harness.TritonUDF``); ``ready_file`` records when
+    ``__init__`` is done."""
 
     def __init__(self, url: str, model: str, batch_size: int, max_inflight: int,
                  ready_file: str | None = None) -> None:
-        import tritonclient.grpc as grpcclient
-
-        self.grpcclient = grpcclient
-        self.client = grpcclient.InferenceServerClient(url)
-        self.model = model
-        cfg = self.client.get_model_config(model).config
-        self.batch_size = min(batch_size, cfg.max_batch_size)
-        self.max_inflight = max_inflight
+        super().__init__(url, model, batch_size, max_inflight)
         _mark_ready(ready_file)
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        col = table["features"]
-        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        n = len(arr)
-        feats = arr.flatten().to_numpy(zero_copy_only=True).reshape(n, 16)  # zero-copy
-        probs, label = infer_mlp(self.grpcclient, self.client, self.model, feats, self.batch_size,
-                                 self.max_inflight)
-        return table.append_column("probs", probs).append_column("label", label)
 
 
 # --------------------------------------------------------------------------- data
 
 
 def write_data(out: Path, rows: int, files: int, row_group: int, seed: int = 7) -> None:
-    import pyarrow.parquet as pq
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    per_file = -(-rows // files)
     vocab = np.array(WORDS, dtype=object)
-    start = 0
-    for f in range(files):
-        n = min(per_file, rows - start)
-        if n <= 0:
-            break
+
+    def make(lo: int, hi: int, rng: np.random.Generator) -> pa.Table:
+        n = hi - lo
         lengths = rng.integers(3, 25, size=n)
         words = vocab[rng.integers(0, len(vocab), size=int(lengths.sum()))]
         texts, pos = [], 0
@@ -289,16 +221,16 @@ def write_data(out: Path, rows: int, files: int, row_group: int, seed: int = 7) 
             seg = words[pos : pos + k]
             pos += k
             texts.append("  ".join(seg).upper() if i % 7 == 0 else " ".join(seg))
-        table = pa.table({
-            "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+        return pa.table({
+            "id": pa.array(np.arange(lo, hi, dtype=np.int64)),
             "text": pa.array(texts, pa.string()),
             "rating": pa.array(rng.integers(1, 6, size=n).astype(np.int64)),
             "price": pa.array(np.round(rng.lognormal(3.0, 1.0, size=n), 2)),
             "helpful_votes": pa.array(rng.poisson(2.0, size=n).astype(np.int64)),
             "age_days": pa.array(rng.integers(0, 2000, size=n).astype(np.int64)),
         })
-        pq.write_table(table, out / f"part-{f:03d}.parquet", row_group_size=row_group)
-        start += n
+
+    write_parquet_parts(out, rows, -(-rows // files), make, seed=seed, row_group=row_group)
 
 
 # --------------------------------------------------------------------------- the two systems
@@ -373,11 +305,7 @@ def run_raydata(work: Path, data: Path, out: Path, args: argparse.Namespace, url
     one_actor = ray.data.ActorPoolStrategy(size=1)
     import pyarrow.parquet as pq
 
-    # As many read blocks as tierflow has blocks. Ray 2.60's default Parquet reader
-    # (datasource V2) ignores override_num_blocks and read this input as ONE block in one
-    # task, which serialises every stage behind it (measured: 1 task, 1 block of 300k
-    # rows); the V1 reader honours it and gives blocks of exactly block_rows here.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
+    raydata_context(plan_banner=True)  # the V1 reader: as many read blocks as tierflow has blocks
     files = sorted(data.glob("*.parquet"))
     n_blocks = sum(-(-pq.ParquetFile(f).metadata.num_rows // B) for f in files)
     t0 = time.time()
@@ -412,19 +340,16 @@ def output_digest(path: Path) -> dict[str, int]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    def stat(vals: list[float]) -> dict[str, float]:
-        return {"median": round(statistics.median(vals), 3), "min": round(min(vals), 3), "max": round(max(vals), 3)}
-
     return {
-        "rows_per_s": stat([r["rows"] / r["run_s"] for r in runs]),
-        "rows_per_s_total": stat([r["rows"] / r["total_s"] for r in runs]),
-        "run_s": stat([r["run_s"] for r in runs]),
-        "startup_s": stat([r["startup_s"] for r in runs]),
-        "total_s": stat([r["total_s"] for r in runs]),
-        "cpu_busy_s": stat([r["cpu_busy_s"] for r in runs]),
-        "ours_cpu_s": stat([r["ours_cpu_s"] for r in runs]),
-        "others_cpu_s": stat([r["others_cpu_s"] for r in runs]),
-        "steady_rows_per_s": stat([r["steady_rows_per_s"] or float("nan") for r in runs]),
+        "rows_per_s": spread([r["rows"] / r["run_s"] for r in runs]),
+        "rows_per_s_total": spread([r["rows"] / r["total_s"] for r in runs]),
+        "run_s": spread([r["run_s"] for r in runs]),
+        "startup_s": spread([r["startup_s"] for r in runs]),
+        "total_s": spread([r["total_s"] for r in runs]),
+        "cpu_busy_s": spread([r["cpu_busy_s"] for r in runs]),
+        "ours_cpu_s": spread([r["ours_cpu_s"] for r in runs]),
+        "others_cpu_s": spread([r["others_cpu_s"] for r in runs]),
+        "steady_rows_per_s": spread([r["steady_rows_per_s"] or float("nan") for r in runs]),
     }
 
 
@@ -581,22 +506,8 @@ class _PlanCatcher:
         logging.getLogger("ray.data").addHandler(Handler())
 
 
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import ray
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
-            "pyarrow": pa.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write every run and the ratios here")
+    ap = parser(__doc__, "write every run and the ratios here")
     ap.add_argument("--rows", type=int, default=2_500_000)
     ap.add_argument("--block-rows", type=int, default=20_000)
     ap.add_argument("--files", type=int, default=0, help="input files (default: 5 blocks per file)")
@@ -625,7 +536,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray Data's hint that a task pool got fewer inputs than its size (the last blocks).
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TOOLS), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    ray_env = worker_env()  # workers import this file's stage code, and this checkout's tierflow
     import ray
     import ray.data
 
@@ -651,37 +562,30 @@ def main() -> None:
         with TritonServer(ROOT / "triton_models", models=["mlp_classifier"]) as server:
             url = server.grpc_url
             report["triton_startup_s"] = round(server.startup_s or 0.0, 2)
-            ray_env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "RAY_AUTH_MODE": "disabled"}}
             if not args.no_single:
                 t = time.time()
                 ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING",
                          runtime_env=ray_env, _system_config=system_config)
                 report["ray_startup_s"] = round(time.time() - t, 2)
-                ray.data.DataContext.get_current().enable_progress_bars = False
                 print(f"single node: {args.num_cpus} logical CPUs on {os.cpu_count()} cores, {args.rows:,} rows, "
                       f"blocks/batches of {args.block_rows:,}", flush=True)
                 report["single"] = compare(work, args, url, replicas_list, "single", None, str(work / "cache"))
                 report["raydata_plan"] = _PlanCatcher.plan
                 ray.shutdown()
             if args.cluster:
-                from ray.cluster_utils import Cluster
+                from tierflow.testing import LocalCluster
 
                 per_node = max(2, (args.num_cpus + 1) // 2)
                 t = time.time()
-                cluster = Cluster(initialize_head=True,
-                                  head_node_args={"num_cpus": per_node, "_system_config": system_config})
-                cluster.add_node(num_cpus=per_node)
-                ray.init(address=cluster.address, runtime_env=ray_env, logging_level="WARNING")
-                cluster.wait_for_nodes()
+                cluster = LocalCluster(nodes=1, cpus_per_node=per_node, head_cpus=per_node,
+                                       system_config=system_config).start()
                 report["cluster_startup_s"] = round(time.time() - t, 2)
-                ray.data.DataContext.get_current().enable_progress_bars = False
                 print(f"2-node cluster: {per_node} logical CPUs per node", flush=True)
                 try:
                     report["cluster"] = compare(work, args, url, replicas_list, "cluster",
                                                 "file://" + str(work / "store"), str(work / "cache-{node}"))
                     report["cluster"]["logical_cpus_per_node"] = per_node
                 finally:
-                    ray.shutdown()
                     cluster.shutdown()
     finally:
         if not args.work:
@@ -709,8 +613,7 @@ def main() -> None:
         if where in report:
             report["pipeline_ratio_replicas2"] = report[where]["ratio_replicas2"]["median"]
             report["replicas2_where"] = where
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

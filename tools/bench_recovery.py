@@ -84,9 +84,7 @@ This is a script, not a test: it is never collected by pytest.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -99,10 +97,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bench_pipeline import infer_mlp  # the same plain-tritonclient model call in both benchmarks
-
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
+import _harness
+from _harness import (ROOT, TOOLS, engine_info, id_check, machine, parser, raydata_context, write_json,
+                      write_parquet_parts)
+from tierflow.testing import LocalCluster
 N_STAGES = 20
 ACTOR_STAGES = (5, 15, 20)
 TRITON_STAGE = 10
@@ -170,26 +168,17 @@ class WorkActor:
         return work(table, **self.kw)
 
 
-class TritonUDF:
-    """Ray Data's model stage: a callable class holding a tritonclient gRPC client, the
-    batch cut into ``batch_size``-row requests with ``max_inflight`` in flight."""
+class TritonUDF(_harness.TritonUDF):
+    """Ray Data's model stage (``_harness.TritonUDF`` on column ``h``), logging its calls."""
 
     def __init__(self, *, url: str, model: str, batch_size: int, max_inflight: int, stage: str,
                  log: str | None = None) -> None:
-        import tritonclient.grpc as grpcclient
-
-        self.g = grpcclient
-        self.client = grpcclient.InferenceServerClient(url)
-        self.model, self.stage, self.log = model, stage, log
-        cfg = self.client.get_model_config(model).config
-        self.batch_size = min(batch_size, cfg.max_batch_size)
-        self.max_inflight = max_inflight
+        super().__init__(url, model, batch_size, max_inflight, column="h")
+        self.stage, self.log = stage, log
 
     def __call__(self, table: pa.Table) -> pa.Table:
         _log(self.log, self.stage, table, "start")
-        feats = np.ascontiguousarray(_h(table))
-        probs, label = infer_mlp(self.g, self.client, self.model, feats, self.batch_size, self.max_inflight)
-        out = table.append_column("probs", probs).append_column("label", label)
+        out = super().__call__(table)
         _log(self.log, self.stage, table, "end")
         return out
 
@@ -207,19 +196,15 @@ def stage_rounds(i: int, args: argparse.Namespace) -> int:
 
 def write_data(out: Path, rows: int, block_rows: int, seed: int = 11) -> None:
     """One parquet file per ``block_rows`` rows (so Ray Data reads the same blocks)."""
-    import pyarrow.parquet as pq
 
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for f, lo in enumerate(range(0, rows, block_rows)):
-        hi = min(rows, lo + block_rows)
+    def make(lo: int, hi: int, rng: np.random.Generator) -> pa.Table:
         h = rng.standard_normal((hi - lo, 16)).astype(np.float32)
         payload = rng.integers(0, 256, size=(hi - lo) * PAYLOAD, dtype=np.uint8).tobytes()
-        pq.write_table(pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)),
-                                 "h": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), 16),
-                                 "payload": pa.Array.from_buffers(pa.binary(PAYLOAD), hi - lo,
-                                                                  [None, pa.py_buffer(payload)])}),
-                       out / f"part-{f:05d}.parquet")
+        return pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                         "h": pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), 16),
+                         "payload": pa.Array.from_buffers(pa.binary(PAYLOAD), hi - lo, [None, pa.py_buffer(payload)])})
+
+    write_parquet_parts(out, rows, block_rows, make, seed=seed, digits=5)
 
 
 def manifest_doc(name: str, data: Path, out: Path, cache: Path, durable: Path, url: str, log: str,
@@ -430,11 +415,7 @@ def check_output(out: Path, rows: int) -> tuple[dict[str, Any], pa.Table | None]
         t = pads.dataset(str(out), format="parquet").to_table()
     except (OSError, ValueError, pa.ArrowException) as exc:
         return {"ok": False, "error": str(exc)}, None
-    ids = t["id"].to_numpy()
-    uniq, counts = np.unique(ids, return_counts=True)
-    want = np.arange(rows)
-    res = {"rows": int(len(ids)), "lost": int(len(np.setdiff1d(want, uniq))), "duplicated": int((counts - 1).sum()),
-           "unexpected": int(len(np.setdiff1d(uniq, want)))}
+    res: dict[str, Any] = id_check(t["id"].to_numpy(), np.arange(rows))
     res["ok"] = res["lost"] == res["duplicated"] == res["unexpected"] == 0
     return res, t.sort_by("id")
 
@@ -486,7 +467,9 @@ def one_run(system: str, tag: str, fault: bool, work_dir: Path, data: Path, url:
                               "recent_outputs_on_victim": counts.get(victim, 0),
                               "recent_outputs_total": sum(recent.values())}
                 if args.fault == "join":  # control: the cost of a node joining, nothing lost
-                    fault_info.update(cluster.add_node())
+                    t_add = time.monotonic()
+                    node = cluster.add_node()
+                    fault_info.update(added=node.node_id[:12], add_s=round(time.monotonic() - t_add, 2))
                 else:
                     fault_info.update(cluster.replace_node(victim, replace=args.fault == "replace"))
                 break
@@ -523,47 +506,8 @@ def wait_for_calm(max_load: float, max_wait_s: float) -> dict[str, Any]:
     return {"waited_s": round(time.monotonic() - t0, 1), "load": round(os.getloadavg()[0], 1)}
 
 
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import ray
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
-            "pyarrow": pa.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def engine_version() -> dict[str, Any]:
-    import subprocess
-
-    import tierflow
-
-    where = Path(tierflow.__file__).resolve().parent
-    info: dict[str, Any] = {"tierflow": str(where)}
-    try:
-        info["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "tierflow"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        if where == (ROOT / "tierflow").resolve():
-            info["engine_source"] = "the working tree" + (" (with uncommitted engine changes)" if dirty else "")
-        else:  # e.g. `git archive <commit> tierflow | tar -x -C DIR` put first on PYTHONPATH
-            stamp = where.parent / "ENGINE_COMMIT"
-            info["engine_source"] = f"a copy at {where}"
-            if stamp.exists():
-                info["engine_commit"] = stamp.read_text().strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write the figures and every run here")
+    ap = parser(__doc__, "write the figures and every run here")
     ap.add_argument("--rows", type=int, default=150_000, help="input rows (150 blocks of 1,000: a ~30 s fused run here)")
     ap.add_argument("--block-rows", type=int, default=1_000)
     ap.add_argument("--work", type=int, default=2, help="rounds of the per-row layer in every stage")
@@ -614,20 +558,16 @@ def main() -> int:
                               "speculate": args.speculate}
     t_all = time.monotonic()
     triton = chaos.RestartableTriton(ROOT / "triton_models", ["mlp_classifier"]).start()
-    cluster = chaos.LocalCluster(args.nodes, args.cpus_per_node, [str(TOOLS)])
+    cluster = LocalCluster(args.nodes, args.cpus_per_node, [str(TOOLS)])
     runs: list[dict[str, Any]] = []
     tables: dict[str, pa.Table | None] = {}
     try:
         t = time.monotonic()
         cluster.start()
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        raydata_context(v1_reader=False)  # as the committed figures were measured
         report["cluster_startup_s"] = round(time.monotonic() - t, 2)
         report["machine"] = machine()
-        report["engine"] = engine_version()
+        report["engine"] = engine_info()
         print(f"cluster: head (0 CPUs) + {args.nodes} nodes x {args.cpus_per_node} CPUs in "
               f"{report['cluster_startup_s']} s; {report['blocks']} blocks x {N_STAGES} stages; load "
               f"{report['machine']['loadavg_at_start']}", flush=True)
@@ -712,8 +652,7 @@ def main() -> int:
               f"{report[f'{system}_all_ok']}")
     if report.get("outputs_identical") is not None:
         print(f"  outputs of the two systems identical: {report['outputs_identical']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    write_json(args.json, report)
     if not args.dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     return 0

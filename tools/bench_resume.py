@@ -74,7 +74,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -87,7 +86,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from _harness import ROOT, engine_info, machine
+
 PIPELINE = "resume_bench"
 STAGES = ["spectrum", "project", "embed", "assign", "summarize"]
 # Work per stage, in repetitions of its NumPy kernel: ~70-110 ms of CPU per 500-row block
@@ -776,36 +776,6 @@ def print_table(summary: dict[str, Any], systems: list[str]) -> None:
     if "raydata" in summary:
         print(f"raydata_resume_time_ratio {summary['raydata_resume_time_ratio']}")
     print(f"whole benchmark: {summary['wall_s']:.0f} s")
-
-
-def machine() -> dict[str, Any]:
-    import numpy
-    import pyarrow
-    import ray
-
-    info: dict[str, Any] = {"cores": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version(), "ray": ray.__version__,
-                            "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        info["mem_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
-        info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
-def engine_info(engine: Path) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(engine), *args], check=False, capture_output=True,
-                                  text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"path": str(engine), "commit": git("rev-parse", "HEAD"),
-            "tierflow_dirty": bool(git("status", "--porcelain", "--", "tierflow"))}
 
 
 # -- main ------------------------------------------------------------------------------------
