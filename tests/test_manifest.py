@@ -107,3 +107,38 @@ def test_concurrency_accepts_a_range() -> None:
     assert m.stages[0].concurrency_range == (1, 4)
     with pytest.raises(ManifestError, match="concurrency"):
         parse_manifest({**base, "stages": [{"name": "a", "kind": "python", "fn": "m:f", "concurrency": [3, 2]}]})
+
+
+def test_python_stages_take_gpus_fractions_and_custom_resources(tmp_path: Path) -> None:
+    text = GOOD.replace('fn: "mod:f"}', 'cls: "mod:Embed", num_gpus: 0.5, num_cpus: 2, resources: {a100: 1}}')
+    stage = load_manifest(write(tmp_path, text)).stages[0]
+    assert isinstance(stage, PythonStage) and stage.num_gpus == 0.5
+    assert stage.demand == {"CPU": 2.0, "GPU": 0.5, "a100": 1.0}
+    assert load_manifest(write(tmp_path, GOOD)).stages[0].demand == {"CPU": 1.0}  # no GPU unless asked
+    assert load_manifest(write(tmp_path, GOOD.replace("model: m,", "model: m, num_cpus: 0,"))).stages[1].demand == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc", "reason"),
+    [
+        ("num_gpus: -0.5", "stages[0].num_gpus", "greater than or equal to 0"),
+        ("num_gpus: lots", "stages[0].num_gpus", "valid number"),
+        ("resources: {GPU: 1}", "stages[0].resources", "give GPUs and CPUs as num_gpus / num_cpus"),
+        ("resources: {a100: 0}", "stages[0].resources.a100", "greater than 0"),
+    ],
+)
+def test_bad_gpu_settings_are_named(tmp_path: Path, fields: str, loc: str, reason: str) -> None:
+    probs = problems(tmp_path, GOOD.replace('fn: "mod:f"}', f'fn: "mod:f", {fields}}}'))
+    assert any(l == loc and reason in r for l, r in probs), probs
+
+
+def test_a_triton_stage_takes_no_gpus_its_servers_do(tmp_path: Path) -> None:
+    # The client actors only send requests; the GPUs are the Triton servers' (triton.deploy.num_gpus).
+    probs = problems(tmp_path, GOOD.replace("outputs: {Y: y}}", "outputs: {Y: y}, num_gpus: 1}"))
+    assert probs == [("stages[1].num_gpus", "unknown field")]
+
+
+def test_a_fused_stage_runs_on_the_next_stages_gpus(tmp_path: Path) -> None:
+    text = GOOD.replace('fn: "mod:f"}', 'fn: "mod:f", fuse: true, num_gpus: 1}')
+    probs = problems(tmp_path, text)
+    assert len(probs) == 1 and "which decides num_gpus; set them there" in probs[0][1]

@@ -51,3 +51,17 @@ def test_stage_keys_check_their_parts_once() -> None:
     for bad in (("de/mo", "f", "s"), ("demo", ".f", "s"), ("demo", "f", "")):
         with pytest.raises(InvalidKey):
             stage_keys(*bad)
+
+
+def test_resource_settings_keep_the_block_keys() -> None:
+    # Moving a stage to GPUs (or other nodes) changes where it runs, not what it outputs.
+    from tierflow.plan import stage_identity
+
+    base = {"name": "embed", "kind": "python", "fn": "tierflow.testing:identity"}
+    ids = [
+        stage_identity(parse_manifest({"name": "p", "source": {"format": "csv", "path": "x"}, "sink": {"path": "o"},
+                                       "stages": [{**base, **extra}]}).stages[0], str)
+        for extra in ({}, {"num_gpus": 0.5, "num_cpus": 4}, {"resources": {"a100": 1}})
+    ]
+    assert ids[0] == ids[1] == ids[2]
+    assert "num_gpus" not in ids[0]["config"] and "resources" not in ids[0]["config"]  # {} keeps older keys too

@@ -2,7 +2,8 @@
 
 Everything that can be rejected is rejected before any cluster work: the manifest is
 loaded and checked (``tierflow.checks``) and the source planned first; only then is Ray
-started or joined and Triton launched or probed.
+started or joined, its nodes checked for the resources the stages ask (``tierflow.capacity``),
+and Triton launched or probed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import IO, Any
 
 import ray
 
+from tierflow.capacity import check_cluster
 from tierflow.checks import check_manifest
 from tierflow.code import local_modules
 from tierflow.engine.executor import Executor
@@ -97,6 +99,13 @@ def _cpus_needed(manifest: Manifest) -> int:
 
 
 @contextlib.contextmanager
+def _cluster_checked(manifest: Manifest, path: str) -> Iterator[None]:
+    """Between joining Ray and starting Triton: fail while nothing runs yet."""
+    check_cluster(manifest, path)
+    yield
+
+
+@contextlib.contextmanager
 def triton_endpoint(manifest: Manifest) -> Iterator[str | tuple[str, ...] | None]:
     """The gRPC URL(s) Triton stages use: a launched bundled server, servers deployed on
     the Ray cluster (``triton.deploy``: a running deployment of that name is reused and left
@@ -154,7 +163,8 @@ def run_pipeline(
     for every run that got past validation, failed ones included.
 
     Raises:
-        ManifestError: before any cluster work.
+        ManifestError: before any cluster work, or once Ray is up when no node can ever
+            hold a stage (``tierflow.capacity``), before any block runs.
         PipelineBusy: another live driver runs this pipeline.
         StageError, InferenceError, SinkError: from the run itself.
     """
@@ -175,7 +185,11 @@ def run_pipeline(
         journal.begin(manifest.name, len(plan.blocks), {s.name: s.fingerprint for s in plan.stages},
                       sink_fingerprint(plan))
         executor.start_step = resume_points(plan, journal, sink.existing_parts())
-        with ray_session(manifest, address) as stage_env, triton_endpoint(manifest) as url:
+        with (
+            ray_session(manifest, address) as stage_env,
+            _cluster_checked(manifest, source),
+            triton_endpoint(manifest) as url,
+        ):
             executor.backend = RayBackend(stage_env)
             executor.triton_url = url
             report = executor.run()

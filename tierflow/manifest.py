@@ -47,6 +47,16 @@ def _no_clear_credentials(options: dict[str, str]) -> dict[str, str]:
 StorageOptions = Annotated[dict[str, str], AfterValidator(_no_clear_credentials)]
 
 
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    if "GPU" in resources or "CPU" in resources:
+        raise ValueError("give GPUs and CPUs as num_gpus / num_cpus, not in 'resources'")
+    return resources
+
+
+#: custom Ray resources, e.g. {accelerator_node: 1}; amounts > 0 (fractions allowed)
+CustomResources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_custom_only)]
+
+
 class SourceConfig(_Model):
     """Where rows come from. Split into deterministic blocks of ``block_rows``."""
 
@@ -102,18 +112,39 @@ class _StageBase(_Model):
         c = self.concurrency
         return (c, c) if isinstance(c, int) else c
 
+    @property
+    def demand(self) -> dict[str, float]:
+        """The Ray resources one worker (task or actor) of this stage holds, by Ray's names
+        (``CPU``, ``GPU``, custom); zeros left out.
+
+        >>> TritonStage(name="t", kind="triton", model="m", inputs={"a": "A"}, outputs={"B": "b"}).demand
+        {'CPU': 0.5}
+        """
+        return {"CPU": self.num_cpus} if self.num_cpus > 0 else {}
+
 
 # How a step runs and fails: a fused stage takes these from the stage it runs with.
 _STEP_FIELDS = {
-    "concurrency", "num_cpus", "checkpoint", "max_attempts", "retry_on", "on_error", "block_timeout_s",
+    "concurrency", "num_cpus", "num_gpus", "resources", "checkpoint", "max_attempts", "retry_on", "on_error", "block_timeout_s",
     "speculate_after", "standby",
 }
 
 
+
 class PythonStage(_StageBase):
-    """A CPU stage: ``fn`` (a Ray task per block) or ``cls`` (a pool of Ray actors)."""
+    """A Python stage: ``fn`` (a Ray task per block) or ``cls`` (a pool of Ray actors),
+    on CPUs or, with ``num_gpus``, on GPUs (a torch model in a ``cls`` stage)."""
 
     kind: Literal["python"]
+    num_gpus: float = Field(
+        0.0, ge=0,
+        description="Ray GPUs per task/actor (fractional allowed: 0.5 lets two workers share one); "
+        "Ray sets each worker's CUDA_VISIBLE_DEVICES",
+    )
+    resources: CustomResources = Field(
+        default_factory=dict,
+        description="custom Ray resources per task/actor, e.g. {accelerator_node: 1}; only nodes declaring them run it",
+    )
     fn: str | None = Field(None, pattern=_CALLABLE, description="module:callable, Table -> Table")
     cls: str | None = Field(None, pattern=_CALLABLE, description="module:Class; __init__ once per actor")
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
@@ -143,6 +174,16 @@ class PythonStage(_StageBase):
     def target(self) -> str:
         return self.fn or self.cls or ""
 
+    @property
+    def demand(self) -> dict[str, float]:
+        """``num_cpus``, ``num_gpus`` and ``resources`` by Ray's names; zeros left out.
+
+        >>> PythonStage(name="e", kind="python", cls="m:E", num_gpus=0.5, resources={"a100": 1}).demand
+        {'CPU': 1.0, 'GPU': 0.5, 'a100': 1.0}
+        """
+        out = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {k: v for k, v in out.items() if v > 0}
+
 
 class TritonStage(_StageBase):
     """A model stage: blocks are cut into requests to a Triton server over gRPC."""
@@ -157,6 +198,17 @@ class TritonStage(_StageBase):
     timeout_s: float = Field(60.0, gt=0, description="deadline of one request")
     concurrency: int | tuple[int, int] = Field(1, description="client actors: N or [min, max]")
     num_cpus: float = Field(0.5, ge=0, description="Ray CPUs per client actor")
+    shared_memory: Literal["auto", "off"] = Field(
+        "auto",
+        description="'auto': a request to a server on the actor's host carries its numeric tensors in "
+        "system shared memory (pooled regions) once they hold shared_memory_min_bytes, and a server "
+        "that refuses gets gRPC; 'off': always gRPC",
+    )
+    # The default is tierflow.triton.shared_memory.DEFAULT_MIN_BYTES (not imported: the
+    # manifest loads without tritonclient); BENCHMARKS.md "Same-host shared memory".
+    shared_memory_min_bytes: int = Field(
+        64 << 10, ge=0, description="smallest request (input + output bytes) sent through shared memory"
+    )
 
 
 Stage = Annotated[Union[PythonStage, TritonStage], Field(discriminator="kind")]
@@ -177,6 +229,11 @@ class SinkConfig(_Model):
 class RayConfig(_Model):
     address: str | None = Field(None, description="None = embedded local Ray; 'auto' or URL = join")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local Ray")
+    autoscaler: bool = Field(
+        False,
+        description="the cluster adds nodes on demand: a stage no node can hold yet is not rejected "
+        "before the run (it waits for the autoscaler instead)",
+    )
 
 
 class MetricsConfig(_Model):
@@ -193,7 +250,7 @@ class TritonDeploy(_Model):
     replicas: int | Literal["per_node"] = Field(
         1, description="number of servers, or 'per_node': one on every node holding the resources"
     )
-    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+    resources: CustomResources = Field(
         default_factory=dict,
         description="Ray resources each server holds, e.g. {triton_node: 1}; only nodes declaring them get one",
     )
@@ -224,8 +281,6 @@ class TritonDeploy(_Model):
     def _resources(self) -> TritonDeploy:
         if self.replicas == "per_node" and not (self.resources or self.num_gpus):
             raise ValueError("replicas: per_node needs 'resources' or 'num_gpus' to say which nodes")
-        if "GPU" in self.resources or "CPU" in self.resources:
-            raise ValueError("give GPUs and CPUs as num_gpus / num_cpus, not in 'resources'")
         return self
 
 

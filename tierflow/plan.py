@@ -23,8 +23,9 @@ from tierflow.manifest import Manifest, PythonStage, Stage, TritonStage
 
 # Fields that change how a stage runs, never what it outputs: not part of the fingerprint.
 _EXECUTION_ONLY = {
-    "concurrency", "num_cpus", "checkpoint", "max_inflight", "timeout_s", "batch_size",
+    "concurrency", "num_cpus", "num_gpus", "resources", "checkpoint", "max_inflight", "timeout_s", "batch_size",
     "max_attempts", "retry_on", "on_error", "block_timeout_s", "speculate_after", "fuse", "standby",
+    "shared_memory", "shared_memory_min_bytes",
 }
 
 

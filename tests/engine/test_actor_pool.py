@@ -123,7 +123,7 @@ def test_the_actors_of_a_lost_node_are_dropped_and_succeeded_at_once(local_ray: 
 def test_a_constructed_spare_takes_over_from_a_dead_actor(local_ray: None) -> None:
     asked: list[set[str]] = []
 
-    def place(cpus: float, avoid: object) -> str:
+    def place(demand: object, avoid: object) -> str:
         asked.append(set(avoid))  # type: ignore[call-overload]
         return ""  # anywhere
 
@@ -158,7 +158,7 @@ def test_an_actor_that_cannot_start_mid_run_fails_the_run_naming_the_stage(local
 
     from tierflow.errors import TierflowError
 
-    stage = SimpleNamespace(name="embed", config=SimpleNamespace(num_cpus=64))
+    stage = SimpleNamespace(name="embed", config=SimpleNamespace(demand={"CPU": 64}))
     fits = ActorPool(stage, lambda node: Echo.remote(), min_size=0, max_size=1)  # type: ignore[arg-type]
     grown = fits.acquire()  # started mid-run (growth; a successor alike)
     deadline = time.monotonic() + 30
@@ -191,7 +191,7 @@ def test_an_actor_that_cannot_start_mid_run_fails_the_run_naming_the_stage(local
 def test_a_spare_starts_only_where_the_cluster_has_room_for_it(local_ray: None) -> None:
     room = {"free": False}
     pool = ActorPool(None, lambda node: Echo.remote(), min_size=1, max_size=1, standby=1,  # type: ignore[arg-type]
-                     place=lambda cpus, avoid: "" if room["free"] else None)
+                     place=lambda demand, avoid: "" if room["free"] else None)
     pool.wait_ready(30)
     assert not pool._spares and pool.started == 1  # no room (e.g. a node was lost): no spare
     room["free"] = True
@@ -251,36 +251,3 @@ def test_a_spare_is_warmed_on_one_row_before_it_takes_over(local_ray: None, tmp_
     pool.replace(working)  # died: the warmed spare takes over
     assert pool.actors == [spare] and pool.took_over == 1
     pool.shutdown()
-
-
-def test_spares_leave_one_node_a_free_task_slot() -> None:
-    from tierflow.engine.placement import SlotMove, free_cpus, keep_task_slot, place
-
-    alive = {"A": 2.0, "B": 2.0}
-    a, b = ["A", "A", "A"], ["B"]  # the nodes of two pools' actors, 0.5 CPU each
-
-    def free() -> dict[str, float]:
-        return free_cpus(alive, [(n, 0.5) for n in [*a, *b]])
-
-    assert free() == {"A": 0.5, "B": 1.5}
-    assert place(free(), 0.5, avoid={"B"}, task_cpus=1.0) == "A"  # off the working node, B keeps 1.5 free
-    b.append("B")
-    assert place(free(), 0.5, avoid=set(), task_cpus=1.0) == "A"  # the fullest node that fits: B keeps 1.0
-    a.append("A")
-    # 1.0 free on B alone: a spare there would leave two half slots and no task slot
-    assert place(free(), 0.5, avoid=set(), task_cpus=1.0) is None
-    assert place(free(), 0.5, avoid=None, task_cpus=1.0) == "B"  # a successor starts anyway, on the fullest that fits
-    assert place(free(), 0.0, avoid=set(), task_cpus=1.0, excluded={"A"}) == "B"  # never on an excluded node
-    assert place({"A": 0.25}, 0.5, avoid=None, task_cpus=1.0) == ""  # nowhere fits: Ray's choice
-    assert free_cpus(alive, [("", 1.0), ("gone", 0.5)]) == {"A": 0.5, "B": 2.0}  # unknown: the freest node pays
-
-    # e.g. the node that had room was lost: the survivors are full, a spare sits on B
-    full = free_cpus(alive, [(n, 0.5) for n in [*a, *b, "B"]])
-    pools = {0: (0.5, [], []), 1: (0.5, [("spare", "B")], [])}
-    assert keep_task_slot(full, 1.0, pools) == [SlotMove(1, "spare", drop_spare=True)]
-    assert keep_task_slot(free(), 1.0, pools) == []  # a slot is free: nothing stopped
-    # no spare left: an idle working actor moves off a node it would free, one at a time
-    half = {"A": 0.5, "B": 0.5}
-    idle = {0: (0.5, [], [("x", "A"), ("y", "B")])}
-    assert keep_task_slot(half, 1.0, idle) == [SlotMove(0, "x", drop_spare=False)]
-    assert keep_task_slot({"A": 0.5}, 1.0, {0: (0.5, [], [("x", "A")])}) == []  # nowhere for its successor

@@ -8,9 +8,11 @@ tests of the driver.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from tierflow.cache.settings import CacheSettings
+from tierflow.engine.placement import at_once
 from tierflow.engine.runners import Outcome
 from tierflow.engine.state import Dispatch
 from tierflow.io.sink import Sink
@@ -93,6 +95,17 @@ class Backend(Protocol):
         ...
 
 
-def stage_limits(plan: Plan) -> list[int]:
-    """Per step, dispatches at once: each stage's concurrency, then the sink's."""
-    return [*(s.config.concurrency_range[1] for s in plan.stages), SINK_CONCURRENCY]
+def stage_limits(plan: Plan, nodes: Mapping[str, Mapping[str, float]] | None = None) -> list[int]:
+    """Per step, dispatches at once: each stage's concurrency, then the sink's.
+
+    With ``nodes`` (alive node -> its resources), a stage asking for GPUs or custom
+    resources is capped at the workers those nodes can hold at once (``num_gpus: 1`` on
+    two one-GPU nodes: 2, whatever its concurrency), so no attempt waits in Ray's queue
+    for a device while its timeout runs. Never under 1: with no node holding it yet (an
+    autoscaler may add one), the stage keeps its concurrency.
+    """
+    limits = []
+    for s in plan.stages:
+        fit = at_once(nodes, s.config.demand) if nodes is not None else None
+        limits.append(min(s.config.concurrency_range[1], fit or s.config.concurrency_range[1]))
+    return [*limits, SINK_CONCURRENCY]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from tierflow.engine.placement import describe
 from tierflow.engine.policy import Strikes
 from tierflow.errors import StageError, TierflowError
 from tierflow.plan import StagePlan
@@ -64,7 +65,7 @@ class ActorPool:
     of a block (:meth:`warm`), so the lazy costs of a first call are paid before it takes
     over, not on the block it takes over. A new spare starts in its place ``SPARE_REFILL_S``
     later (:meth:`refill`), not during the recovery it would compete with for CPU.
-    ``place(cpus, avoid)`` picks the node of an actor started mid-run, packed so that a
+    ``place(demand, avoid)`` picks the node of an actor started mid-run, packed so that a
     task step keeps a slot: a spare's off ``avoid`` (the working actors' nodes) where it
     can, or None when there is no room for it beside the pipeline's own work (after a node
     is lost there may not be: the pool then keeps fewer, and asks again later); a working
@@ -80,14 +81,14 @@ class ActorPool:
         max_size: int,
         idle_s: float = 30.0,
         standby: int = 0,
-        place: Callable[[float, Collection[str] | None], str | None] = lambda cpus, avoid: "",
+        place: Callable[[Mapping[str, float], Collection[str] | None], str | None] = lambda demand, avoid: "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stage = stage
         self._clock = clock
         self._factory = factory
         self._place = place
-        self.cpus = stage.config.num_cpus if stage is not None else 0.0
+        self.demand: dict[str, float] = stage.config.demand if stage is not None else {}  # what each actor holds
         self.max_size = max_size
         self.min_size = min_size
         self.idle_s = idle_s
@@ -134,8 +135,8 @@ class ActorPool:
 
     def _cannot_start(self, count: int, timeout_s: float) -> TierflowError:
         return TierflowError(
-            f"stage {self.stage.name!r}: {count} actor(s) needing {self.cpus} CPU each could not "
-            f"start within {timeout_s:.0f} s (not enough CPU in the cluster?)"
+            f"stage {self.stage.name!r}: {count} actor(s) needing {describe(self.demand)} each could not "
+            f"start within {timeout_s:.0f} s (not enough of it free in the cluster?)"
         )
 
     @property
@@ -159,7 +160,7 @@ class ActorPool:
     def _start(self) -> Any:
         actor = self._take_spare()
         if actor is None:
-            node = self._place(self.cpus, None) or ""
+            node = self._place(self.demand, None) or ""
             actor = self._factory(node or None)
             self._placed[actor] = node
             self._starting[actor] = (actor.ready.remote(), self._clock())
@@ -177,7 +178,7 @@ class ActorPool:
     def _add_spares(self) -> None:
         working = {self._where[a] for a in self.actors if a in self._where}
         while len(self._spares) < self.standby:
-            node = self._place(self.cpus, working)
+            node = self._place(self.demand, working)
             if node is None:
                 return
             spare = self._factory(node or None)
@@ -282,11 +283,11 @@ class ActorPool:
         """(actor, node) of the idle working actors whose node is known."""
         return [(a, self._where[a]) for a, _ in self._idle if a in self._where]
 
-    def placements(self) -> list[tuple[str, float]]:
-        """(node, CPUs) of each actor and spare: where it runs, else where it was sent;
-        "" where neither is known yet. Spares that died meanwhile are dropped first."""
+    def placements(self) -> list[tuple[str, dict[str, float]]]:
+        """(node, resources held) of each actor and spare: where it runs, else where it was
+        sent; "" where neither is known yet. Spares that died meanwhile are dropped first."""
         self._built_spares()
-        return [(self._where.get(a) or self._placed.get(a, ""), self.cpus) for a in [*self.actors, *self._spares]]
+        return [(self._where.get(a) or self._placed.get(a, ""), self.demand) for a in [*self.actors, *self._spares]]
 
     def shutdown(self) -> None:
         for a in [*self.actors, *self._spares]:

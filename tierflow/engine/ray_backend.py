@@ -22,7 +22,7 @@ from tierflow.cache.locations import lmdb_nodes
 from tierflow.cache.settings import CacheSettings
 from tierflow.engine.backend import SINK_CPUS, stage_limits
 from tierflow.engine.nodes import NodeWatcher
-from tierflow.engine.placement import free_cpus, keep_task_slot, place
+from tierflow.engine.placement import Resources, free_resources, holds, keep_task_slot, place
 from tierflow.engine.pool import ActorPool, pop_answered
 from tierflow.engine.runners import (
     Outcome,
@@ -73,23 +73,29 @@ class RayBackend:
         self._source_ref = ray.put(plan.source)
         self._letters_at = dead_letters_target(plan, sink)
         self._watcher = NodeWatcher(settings)
+        limits = stage_limits(plan, self._watcher.resources(fresh=True))  # GPU stages: what the nodes hold
         for s in plan.stages:  # actors start in the background while the cache servers do
             if isinstance(s.config, PythonStage) and s.config.cls is None:
                 continue
+            low, high = s.config.concurrency_range
             self._pools[s.index] = ActorPool(
                 s,
                 functools.partial(self._start_actor, s, triton_url),
-                *s.config.concurrency_range,
+                min(low, limits[s.index]),
+                min(high, limits[s.index]),
                 standby=s.config.standby,
                 place=functools.partial(self._place, s.index),
             )
-        tasks = [s.config.num_cpus for s in plan.stages if s.index not in self._pools]
-        self._task_cpus = max([SINK_CPUS, *tasks])  # what one task step needs, kept free of spares
+        # What one step of each task stage and the sink needs, kept free of spares.
+        self._task_demands: list[Resources] = []
+        for demand in [{"CPU": SINK_CPUS}, *(s.config.demand for s in plan.stages if s.index not in self._pools)]:
+            if demand not in self._task_demands:
+                self._task_demands.append(demand)
         self._servers_at = time.monotonic()
         self._watcher.start()
         for pool in self._pools.values():
             pool.wait_ready(ACTOR_START_TIMEOUT_S)
-        return stage_limits(plan)
+        return limits
 
     def _start_actor(self, s: StagePlan, triton_url: str | tuple[str, ...] | None, node: str | None) -> Any:
         return StageActor.options(**self._options(s.index, node)).remote(  # type: ignore[attr-defined]
@@ -138,15 +144,22 @@ class RayBackend:
     def _alive(self, fresh: bool = False) -> dict[str, float]:
         return self.nodes.alive(fresh)
 
-    def _free_cpus(self) -> dict[str, float]:
-        return free_cpus(self._alive(), (p for pool in self._pools.values() for p in pool.placements()))
+    def _free(self) -> dict[str, dict[str, float]]:
+        held = (p for pool in self._pools.values() for p in pool.placements())
+        return free_resources(self.nodes.resources(), held)
 
-    def _place(self, step: int, cpus: float, avoid: Collection[str] | None) -> str | None:
-        return place(self._free_cpus(), cpus, avoid, self._task_cpus, self._excluded.get(step, ()))
+    def _task_slots(self) -> list[Resources]:
+        """The task steps' demands that some alive node can hold at all (the slots worth
+        keeping: for one no node has the GPUs for, stopping actors would not help)."""
+        nodes = self.nodes.resources().values()
+        return [d for d in self._task_demands if any(holds(res, d) for res in nodes)]
+
+    def _place(self, step: int, demand: Resources, avoid: Collection[str] | None) -> str | None:
+        return place(self._free(), demand, avoid, self._task_slots(), self._excluded.get(step, ()))
 
     def _keep_task_slot(self) -> None:
-        pools = {i: (p.cpus, p.built_spares(), p.idle_actors()) for i, p in self._pools.items()}
-        for move in keep_task_slot(self._free_cpus(), self._task_cpus, pools):
+        pools = {i: (p.demand, p.built_spares(), p.idle_actors()) for i, p in self._pools.items()}
+        for move in keep_task_slot(self._free(), self._task_slots(), pools):
             pool = self._pools[move.pool]
             if move.drop_spare:
                 pool.drop_spare(move.actor)
@@ -155,8 +168,14 @@ class RayBackend:
 
     def _options(self, step: int, node: str | None = None) -> dict[str, Any]:
         """Resources, and where: on ``node`` (chosen by :meth:`_place`), else off the nodes
-        excluded from the stage."""
-        opts: dict[str, Any] = {"num_cpus": self._plan.stages[step].config.num_cpus}
+        excluded from the stage. Ray sets the worker's ``CUDA_VISIBLE_DEVICES`` from
+        ``num_gpus`` (fractions share a device)."""
+        cfg = self._plan.stages[step].config
+        opts: dict[str, Any] = {"num_cpus": cfg.num_cpus}
+        if isinstance(cfg, PythonStage) and cfg.num_gpus:
+            opts["num_gpus"] = cfg.num_gpus
+        if isinstance(cfg, PythonStage) and cfg.resources:
+            opts["resources"] = dict(cfg.resources)
         if self._stage_env:
             opts["runtime_env"] = self._stage_env
         if node:
@@ -177,7 +196,10 @@ class RayBackend:
 
     def exclude(self, step: int, node: str) -> bool:
         excluded = self._excluded.setdefault(step, set())
-        if not set(self._alive()) - excluded - {node} - {ray.get_runtime_context().get_node_id()}:
+        stages = self._plan.stages
+        demand = stages[step].config.demand if step < len(stages) else {"CPU": SINK_CPUS}
+        able = {n for n, res in self.nodes.resources().items() if holds(res, demand)}  # e.g. its GPU nodes
+        if not able - excluded - {node} - {ray.get_runtime_context().get_node_id()}:
             return False  # never leave a stage without a node to run on
         excluded.add(node)
         return True
