@@ -30,7 +30,8 @@ def triton_server() -> Iterator[TritonServer]:
     One per test session (~2.5 s to start, ~3 s to stop); every model is ready when yielded.
     Skips where the bundled binary is not installed.
     """
-    from tierflow.triton.server import TritonServer, tritonserver_binary
+    from tierflow.triton.bundle import tritonserver_binary
+    from tierflow.triton.server import TritonServer
 
     try:
         tritonserver_binary()

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and the Ray-free core stays Ray-free.
+"""The package's import graph: no cycles, layers import only downwards, and the Ray-free
+core stays Ray-free.
 
 Read from the source with ``ast`` (nothing is imported to build the graph). Imports inside
 functions count too: a lazy import hides a cycle from Python, not from a reader.
@@ -75,6 +76,38 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+#: Lowest first: a module may import its own layer and the ones below, never one above.
+#: A name covers the module or package and everything under it; every module must be in
+#: exactly one (the package root, ``tierflow``, only itself).
+LAYERS: list[tuple[str, ...]] = [
+    # The vocabulary every layer speaks: errors, the manifest's types, events, credentials.
+    ("tierflow.errors", "tierflow.manifest", "tierflow.credentials", "tierflow.code",
+     "tierflow.events", "tierflow.faults"),
+    ("tierflow.cache", "tierflow.triton"),
+    ("tierflow.plan", "tierflow.io"),
+    ("tierflow.engine", "tierflow.metrics"),
+    ("tierflow.driver", "tierflow.checks", "tierflow.capacity", "tierflow.workspace",
+     "tierflow.pipeline_status"),
+    ("tierflow", "tierflow.__main__", "tierflow.cli", "tierflow.api", "tierflow.report",
+     "tierflow.testing"),
+]
+
+
+def under(module: str, name: str) -> bool:
+    return module == name or (name != "tierflow" and module.startswith(name + "."))
+
+
+def layer_of(module: str) -> int:
+    hits = [i for i, names in enumerate(LAYERS) for name in names if under(module, name)]
+    assert len(hits) == 1, f"{module} is in {len(hits)} layers of LAYERS (want exactly one)"
+    return hits[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """``(importer, imported)`` for every import of a higher layer."""
+    return sorted((a, b) for a, deps in graph.items() for b in deps if layer_of(b) > layer_of(a))
+
+
 def test_the_graph_sees_the_imports_that_make_a_cycle() -> None:
     graph = import_graph()
     assert "tierflow.cache.node_server" in graph["tierflow.cache.tiered"]  # inside _open()
@@ -98,3 +131,28 @@ def test_the_manifest_and_io_import_no_cache() -> None:
     graph = import_graph()
     for module in ("tierflow.manifest", "tierflow.io.fs", "tierflow.io.sink", "tierflow.io.source"):
         assert not {m for m in graph[module] if m.startswith("tierflow.cache")}, module
+
+
+def test_every_module_is_in_one_layer() -> None:
+    for module in import_graph():
+        layer_of(module)
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    graph = import_graph()
+    assert upward_imports({**graph, "tierflow.errors": {"tierflow.driver"}}) == [
+        ("tierflow.errors", "tierflow.driver")
+    ]
+
+
+def test_no_layer_imports_a_higher_one() -> None:
+    # cli/api -> driver -> engine -> plan/io -> cache, triton -> errors
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_cache_and_triton_import_neither_other() -> None:
+    graph = import_graph()
+    for one, other in (("tierflow.cache", "tierflow.triton"), ("tierflow.triton", "tierflow.cache")):
+        for module, deps in graph.items():
+            if under(module, one):
+                assert not [m for m in deps if under(m, other)], module

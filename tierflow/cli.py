@@ -284,7 +284,7 @@ def triton() -> None:
 @click.option("--host", default="0.0.0.0", show_default=True)
 def serve(repo: str, grpc_port: int, http_port: int, metrics_port: int | None, host: str) -> None:
     """Serve a model repository with the bundled tritonserver until Ctrl-C/SIGTERM."""
-    from tierflow.triton.server import serve as serve_repo
+    from tierflow.triton.serving import serve as serve_repo
 
     with _exit_codes():
         code = serve_repo(Path(repo), grpc_port, http_port, metrics_port=metrics_port, host=host, echo=click.echo)

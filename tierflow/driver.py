@@ -30,7 +30,8 @@ from tierflow.errors import ModelError, TritonUnavailable
 from tierflow.events import Listener
 from tierflow.io.sink import Sink
 from tierflow.manifest import Manifest, PythonStage, TritonStage, load_manifest
-from tierflow.triton.server import TritonServer, wait_until_ready
+from tierflow.triton.readiness import wait_until_ready
+from tierflow.triton.server import TritonServer
 from tierflow.workspace import cache_settings, open_journal, plan_manifest
 
 REPORT_NAME = "report.json"

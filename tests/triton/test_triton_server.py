@@ -17,8 +17,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tierflow.errors import ModelError, TritonUnavailable
+from tierflow.triton.readiness import wait_until_ready
 from tierflow.triton.repository import list_models
-from tierflow.triton.server import TritonServer, _free_port, serve, wait_until_ready
+from tierflow.triton.server import TritonServer, _free_port
+from tierflow.triton.serving import serve
 
 pytestmark = pytest.mark.triton
 

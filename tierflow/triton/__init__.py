@@ -1,7 +1,11 @@
 """Triton Inference Server integration: model repository, local server, table client.
 
 * :mod:`~tierflow.triton.repository` reads ``triton_models/`` (specs, digests) offline.
-* :mod:`~tierflow.triton.server` runs the ``tritonserver`` bundled in ``nvidia-pytriton``.
+* :mod:`~tierflow.triton.bundle` finds the ``tritonserver`` binary and Python backend that
+  ship in ``nvidia-pytriton``.
+* :mod:`~tierflow.triton.server` runs that binary on a model repository;
+  :mod:`~tierflow.triton.serving` is ``tierflow triton serve``.
+* :mod:`~tierflow.triton.readiness` waits until a server and its models are ready.
 * :mod:`~tierflow.triton.client` runs Arrow tables through a model over gRPC.
 * :mod:`~tierflow.triton.errors` is the one place ``tritonclient`` errors become tierflow
   errors.
@@ -15,6 +19,7 @@ from __future__ import annotations
 from tierflow.triton.client import TritonStageClient
 from tierflow.triton.endpoints import EndpointStats, RetryPolicy
 from tierflow.triton.errors import STATUS_ERRORS, map_triton_errors
+from tierflow.triton.readiness import wait_until_ready
 from tierflow.triton.repository import (
     ModelSpec,
     TensorSpec,
@@ -22,7 +27,8 @@ from tierflow.triton.repository import (
     load_model_spec,
     model_digest,
 )
-from tierflow.triton.server import TritonServer, serve, wait_until_ready
+from tierflow.triton.server import TritonServer
+from tierflow.triton.serving import serve
 
 __all__ = [
     "STATUS_ERRORS",

@@ -1,30 +1,19 @@
-"""Run the real ``tritonserver`` binary that ships in the ``nvidia-pytriton`` wheel.
+"""A local ``tritonserver`` process, from the ``nvidia-pytriton`` wheel, on a model repository.
 
-The wheel carries Triton 2.51 with the Python backend, but not laid out as a backend
-directory Triton can load on its own: the stub for each Python version sits in
-``python_backend_stubs/<X.Y>/``. :func:`prepare_backend_dir` assembles
-``<dir>/python/{libtriton_python.so, triton_python_backend_utils.py,
-triton_python_backend_stub}`` once per (wheel version, Python version) in a per-user cache,
-and :class:`TritonServer` runs the binary on a *standard* model repository with it, so the
-same ``triton_models/`` deploys unchanged to any other Triton server.
+:class:`TritonServer` runs the bundled binary (:mod:`tierflow.triton.bundle`) on a
+*standard* model repository, waits until every model is ready
+(:mod:`tierflow.triton.readiness`), and always reaps the process on stop.
 
 Usage::
 
     with TritonServer(Path("triton_models")) as server:   # free ports, waits for every model
         client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
-
-    wait_until_ready("triton-host:8001", ["mlp_classifier"], timeout_s=60)  # someone else's
-
-Readiness is checked per model (``is_model_ready``), not just ``/v2/health/ready``: a
-server that is up with one model failed is reported as that model's :class:`ModelError`
-carrying Triton's own reason from the repository index.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.metadata
 import os
 import shutil
 import signal
@@ -35,109 +24,18 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
-
-from tierflow.errors import ModelError, TritonUnavailable
+from tierflow.errors import TritonUnavailable
+from tierflow.triton.bundle import caches_dir, library_dir, prepare_backend_dir, tritonserver_binary
+from tierflow.triton.readiness import poll_ready
 from tierflow.triton.repository import list_models
 
-__all__ = ["TritonServer", "prepare_backend_dir", "serve", "wait_until_ready"]
+__all__ = ["TritonServer"]
 
 _LOG_TAIL_LINES = 40
-_POLL_INTERVAL_S = 0.1
-_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-_STUB = "triton_python_backend_stub"
-
-
-# --------------------------------------------------------------------------- the wheel
-
-
-def _pytriton_root() -> Path:
-    """``…/site-packages/pytriton``; raises FileNotFoundError with the fix if absent."""
-    try:
-        import pytriton
-    except ImportError as exc:  # pragma: no cover - a hard dependency
-        raise FileNotFoundError(
-            "the tritonserver binary ships in the nvidia-pytriton wheel: "
-            "pip install 'nvidia-pytriton==0.7.0'"
-        ) from exc
-    return Path(pytriton.__file__).resolve().parent
-
-
-def tritonserver_binary() -> Path:
-    """Path of the bundled ``tritonserver`` executable."""
-    path = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
-    if not path.is_file():
-        raise FileNotFoundError(f"no tritonserver binary at {path} (broken nvidia-pytriton?)")
-    return path
-
-
-def _wheel_libs() -> Path:
-    # auditwheel puts the vendored shared libraries next to the package.
-    return _pytriton_root().parent / "nvidia_pytriton.libs"
-
-
-def _default_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tierflow" / "triton"
-
-
-def prepare_backend_dir(cache_root: Path | None = None) -> Path:
-    """Assemble a Triton backend directory holding the Python backend for this interpreter.
-
-    Built once per (nvidia-pytriton version, Python X.Y) under ``cache_root`` (default:
-    ``$XDG_CACHE_HOME/tierflow/triton``, falling back to the temp dir if that is not
-    writable), atomically, so concurrent callers never see a half-copied directory.
-
-    Returns:
-        The directory to pass as ``--backend-directory`` (it contains ``python/``).
-
-    Raises:
-        FileNotFoundError: The wheel lacks the backend or a stub for this Python version.
-    """
-    root = _pytriton_root() / "tritonserver"
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / py / _STUB
-    if not stub.is_file():
-        raise FileNotFoundError(f"nvidia-pytriton has no Python-backend stub for Python {py}")
-    sources = [root / "backends" / "python" / name for name in _BACKEND_FILES] + [stub]
-    version = importlib.metadata.version("nvidia-pytriton")
-    name = f"pytriton-{version}-py{py}"
-
-    candidates = (
-        [cache_root]
-        if cache_root
-        else [
-            _default_cache_root(),
-            Path(tempfile.gettempdir()) / f"tierflow-triton-{os.getuid()}",
-        ]
-    )
-    last_error: OSError | None = None
-    for base in candidates:
-        target = Path(base) / name
-        if (target / "python" / _STUB).is_file():
-            return target
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=base))
-            (staging / "python").mkdir()
-            for src in sources:
-                shutil.copy2(src, staging / "python" / src.name)
-            try:
-                staging.rename(target)
-            except OSError:
-                # Another process won the race; its copy is identical.
-                shutil.rmtree(staging, ignore_errors=True)
-                if not (target / "python" / _STUB).is_file():
-                    raise
-            return target
-        except OSError as exc:
-            last_error = exc
-    raise FileNotFoundError(f"cannot create a Triton backend directory: {last_error}")
 
 
 def _free_port(host: str) -> int:
@@ -165,101 +63,6 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     if usage is not None:
         all_lines = all_lines[:usage]
     return "\n".join(all_lines[-lines:])
-
-
-# --------------------------------------------------------------------------- readiness
-
-
-def _repository_reasons(client: grpcclient.InferenceServerClient) -> dict[str, tuple[str, str]]:
-    """``{model: (state, reason)}`` from the repository index; empty if it cannot be read."""
-    try:
-        index = client.get_model_repository_index(as_json=False, client_timeout=5.0)
-    except InferenceServerException:
-        return {}
-    return {m.name: (m.state, m.reason) for m in index.models}
-
-
-def _poll_ready(
-    url: str,
-    models: Sequence[str],
-    deadline: float,
-    timeout_s: float,
-    *,
-    failed_fast: bool,
-    check_alive: Callable[[], None] = lambda: None,
-) -> None:
-    """Wait until the server at ``url`` is live and every model in ``models`` is ready.
-
-    Args:
-        failed_fast: Treat a model the index reports ``UNAVAILABLE`` with a reason as failed
-            at once (right for a server we just started with ``--load-model=*``: by the time
-            it is live every load has finished). Otherwise wait for it until the deadline.
-        check_alive: Raises if the server process has died.
-    """
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        last = "no answer"
-        while True:
-            check_alive()
-            try:
-                if client.is_server_live(client_timeout=1.0):
-                    break
-                last = "server not live"
-            except InferenceServerException as exc:
-                last = exc.message() or str(exc)
-            if time.monotonic() > deadline:
-                raise TritonUnavailable(url, f"not live after {timeout_s:g}s ({last})")
-            time.sleep(_POLL_INTERVAL_S)
-
-        pending = list(models)
-        while pending:
-            check_alive()
-            states = _repository_reasons(client)
-            for model in list(pending):
-                state, reason = states.get(model, ("", ""))
-                try:
-                    ready = client.is_model_ready(model, client_timeout=5.0)
-                except InferenceServerException:
-                    ready = False
-                if ready:
-                    pending.remove(model)
-                elif failed_fast and state == "UNAVAILABLE" and reason:
-                    others = [
-                        m
-                        for m in pending
-                        if m != model and states.get(m, ("",))[0] == "UNAVAILABLE"
-                    ]
-                    also = f" (also failed: {', '.join(others)})" if others else ""
-                    raise ModelError(model, f"failed to load on {url}: {reason}{also}")
-            if pending and time.monotonic() > deadline:
-                model = pending[0]
-                state, reason = states.get(model, ("", "not in the repository index"))
-                detail = f"{state or 'unknown'}: {reason}" if reason else (state or "unknown")
-                raise ModelError(model, f"not ready on {url} after {timeout_s:g}s ({detail})")
-            if pending:
-                time.sleep(_POLL_INTERVAL_S)
-    finally:
-        client.close()
-
-
-def wait_until_ready(url: str, models: Sequence[str], timeout_s: float = 60.0) -> None:
-    """Block until an already-running server is live and each of ``models`` is ready.
-
-    Args:
-        url: gRPC address, ``host:port``.
-        models: Models that must be ready (checked one by one with ``is_model_ready``).
-        timeout_s: Total time allowed.
-
-    Raises:
-        TritonUnavailable: The server did not answer as live within ``timeout_s``.
-        ModelError: A model was not ready within ``timeout_s``; the message carries the
-            state and reason from Triton's repository index.
-    """
-    deadline = time.monotonic() + timeout_s
-    _poll_ready(url, models, deadline, timeout_s, failed_fast=False)
-
-
-# --------------------------------------------------------------------------- the server
 
 
 class _PortInUse(Exception):
@@ -324,7 +127,8 @@ class TritonServer:
         log_path: Where the server's output goes; a temp file if ``None`` (removed by a
             clean ``stop()``, kept when ``start()`` fails, and named in the error).
         extra_args: Further ``tritonserver`` flags, appended as given.
-        cache_root: Where to assemble the backend directory (see :func:`prepare_backend_dir`).
+        cache_root: Where to assemble the backend directory (see
+            :func:`~tierflow.triton.bundle.prepare_backend_dir`).
     """
 
     def __init__(
@@ -383,6 +187,10 @@ class TritonServer:
     def pid(self) -> int | None:
         """Process id of the running server, else ``None``."""
         return self._proc.pid if self._proc is not None else None
+
+    def log_tail(self) -> str:
+        """The last lines of the server's log, usage text cut (``""`` before the first start)."""
+        return _tail(self._log_path) if self._log_path is not None else ""
 
     def is_running(self) -> bool:
         """Whether the server process is alive."""
@@ -447,7 +255,6 @@ class TritonServer:
         else:
             self._log_dir = Path(tempfile.mkdtemp(prefix="tierflow-triton-"))
             self._log_path = self._log_dir / "tritonserver.log"
-        root = _pytriton_root() / "tritonserver"
         # Explicit control with every wanted model loaded at start: a failed model does not
         # take the server down (--exit-on-error=false), so we can report *which* model
         # failed and why from the repository index, and models can be (re)loaded via API.
@@ -455,7 +262,7 @@ class TritonServer:
             str(tritonserver_binary()),
             f"--model-repository={self.repo}",
             f"--backend-directory={backend_dir}",
-            f"--cache-directory={root / 'caches'}",
+            f"--cache-directory={caches_dir()}",
             "--model-control-mode=explicit",
             *(f"--load-model={m}" for m in models),
             "--exit-on-error=false",
@@ -470,7 +277,7 @@ class TritonServer:
             *self.extra_args,
         ]
         env = dict(os.environ)
-        libs = str(_wheel_libs())
+        libs = str(library_dir())
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (libs, env.get("LD_LIBRARY_PATH", "")) if p
         )
@@ -515,7 +322,7 @@ class TritonServer:
 
         deadline = t0 + self.startup_timeout_s
         try:
-            _poll_ready(
+            poll_ready(
                 self.grpc_url,
                 models,
                 deadline,
@@ -580,84 +387,3 @@ class TritonServer:
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("TritonServer owns a local process and cannot be pickled")
-
-
-# --------------------------------------------------------------------------- CLI entry
-
-
-@contextlib.contextmanager
-def _stop_on_signals(event: threading.Event) -> Iterator[None]:
-    """Set ``event`` on SIGINT/SIGTERM while inside; no-op off the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda *_: event.set())
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def serve(
-    repo: Path,
-    grpc_port: int | None = None,
-    http_port: int | None = None,
-    *,
-    metrics_port: int | None = None,
-    host: str = "0.0.0.0",
-    startup_timeout_s: float = 120.0,
-    echo: Callable[[str], None] = print,
-    stop_event: threading.Event | None = None,
-) -> int:
-    """Serve ``repo`` until SIGINT/SIGTERM (``tierflow triton serve``).
-
-    Starts the server, prints the gRPC and HTTP URLs and the ready models, blocks, then
-    stops it cleanly.
-
-    Args:
-        repo: Model repository.
-        grpc_port: gRPC port; a free one if ``None``.
-        http_port: HTTP port; a free one if ``None``.
-        metrics_port: Metrics port; a free one if ``None``.
-        host: Address to bind (default all interfaces, so Ray workers elsewhere can reach it).
-        startup_timeout_s: Time allowed for every model to become ready.
-        echo: Where the lines go (``click.echo`` from the CLI).
-        stop_event: Setting it stops the server, like a signal (for tests and embedding).
-
-    Returns:
-        0 after a clean stop.
-
-    Raises:
-        ModelError, TritonUnavailable: Start-up failed, or the server died while serving.
-    """
-    event = stop_event or threading.Event()
-    with _stop_on_signals(event):
-        server = TritonServer(
-            repo,
-            grpc_port=grpc_port,
-            http_port=http_port,
-            metrics_port=metrics_port,
-            host=host,
-            startup_timeout_s=startup_timeout_s,
-        )
-        with server:
-            echo(f"Triton {server.repo} ready in {server.startup_s:.1f}s (pid {server.pid})")
-            echo(f"  gRPC     {server.grpc_url}")
-            echo(f"  HTTP     http://{server.http_url}")
-            echo(f"  metrics  {server.metrics_url}")
-            echo(f"  models   {', '.join(server.ready_models) or '(none)'}")
-            echo("Press Ctrl-C to stop.")
-            while not event.wait(0.5):
-                if not server.is_running():
-                    log = server.log_path
-                    raise TritonUnavailable(
-                        server.grpc_url,
-                        f"tritonserver exited while serving; last lines of {log}:\n"
-                        f"{_tail(log) if log else ''}",
-                    )
-            echo("Stopping Triton…")
-    echo("Triton stopped.")
-    return 0
