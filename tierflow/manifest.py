@@ -207,7 +207,7 @@ class TritonStage(_StageBase):
     # The default is tierflow.triton.shared_memory.DEFAULT_MIN_BYTES (not imported: the
     # manifest loads without tritonclient); BENCHMARKS.md "Same-host shared memory".
     shared_memory_min_bytes: int = Field(
-        64 << 10, ge=0, description="smallest request (input + output bytes) sent through shared memory"
+        256 << 10, ge=0, description="smallest request (input + output bytes) sent through shared memory"
     )
 
 

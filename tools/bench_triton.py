@@ -53,8 +53,10 @@ table of several requests (about ``--shm-mib`` MiB in all, 4 to 200 requests):
 ``shm`` (``shared_memory="auto"``, no size threshold: every request through system shared
 memory) and ``grpc`` (``shared_memory="off"``). They alternate within each round, the one
 that goes first swapped from round to round; figures are medians over ``--rounds`` rounds of
-the time per request, and the ratio is ``grpc / shm`` per round, then the median. Outputs are
-checked equal to the input (and between the two) before timing.
+the time per request, and the ratio is ``grpc / shm`` per round, then the median. The CPU
+time per request (this process + the server and its stub processes) is measured too: on a
+shared machine it is the steadier figure. Outputs are checked equal to the input (and
+between the two) before timing.
 
 This is a script, not a test: it is never collected by pytest.
 """
@@ -461,8 +463,30 @@ def human(nbytes: int) -> str:
     return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
+def cpu_seconds(server_pid: int | None) -> float:
+    """CPU seconds so far of this process plus the server and its model stub processes."""
+    import psutil
+
+    procs = [psutil.Process()]
+    if server_pid is not None:
+        server = psutil.Process(server_pid)
+        procs += [server, *server.children(recursive=True)]
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def bench_shm(sizes: list[int], inflights: list[int], rounds: int, total_mib: float) -> list[dict[str, Any]]:
-    """Shared memory vs gRPC through ``TritonStageClient``, per request size and in-flight."""
+    """Shared memory vs gRPC through ``TritonStageClient``, per request size and in-flight.
+
+    Besides wall time, the CPU time of the client and the server (with its stub processes)
+    per request: on a shared machine the wall time also measures the neighbours, the CPU
+    time only the work each way costs."""
     row_bytes = IDENTITY_WIDTH * 4
     tmp = Path(tempfile.mkdtemp(prefix="bench-triton-shm-"))
     (tmp / "identity" / "1").mkdir(parents=True)
@@ -492,13 +516,17 @@ def bench_shm(sizes: list[int], inflights: list[int], rounds: int, total_mib: fl
                         used = len(clients["shm"].shared_memory_regions(url))
                         del got
                         secs: dict[str, list[float]] = {"shm": [], "grpc": []}
+                        cpu: dict[str, list[float]] = {"shm": [], "grpc": []}
                         for r in range(rounds):
                             for way in (("shm", "grpc") if r % 2 == 0 else ("grpc", "shm")):
+                                c0 = cpu_seconds(server.pid)
                                 secs[way].append(timed(lambda c=clients[way]: c.infer_table(table)))
+                                cpu[way].append(cpu_seconds(server.pid) - c0)
                     finally:
                         for c in clients.values():
                             c.close()
                     ratios = [g / s for g, s in zip(secs["grpc"], secs["shm"], strict=True)]
+                    cpu_ratios = [g / s for g, s in zip(cpu["grpc"], cpu["shm"], strict=True) if s > 0]
                     res = {
                         "request_bytes": rows * row_bytes, "rows_per_request": rows, "requests": requests,
                         "inflight": inflight, "rounds": rounds, "outputs_match": bool(same), "shm_regions": used,
@@ -507,12 +535,16 @@ def bench_shm(sizes: list[int], inflights: list[int], rounds: int, total_mib: fl
                                       for w, v in secs.items()},
                         "grpc_over_shm": {"median": round(statistics.median(ratios), 2),
                                           "min": round(min(ratios), 2), "max": round(max(ratios), 2)},
+                        "cpu_ms_per_request": {w: round(statistics.median(v) / requests * 1e3, 3) for w, v in cpu.items()},
+                        "cpu_grpc_over_shm": round(statistics.median(cpu_ratios), 2) if cpu_ratios else None,
                     }
                     out.append(res)
                     ms, mb, q = res["ms_per_request"], res["mib_per_s"], res["grpc_over_shm"]
+                    cms = res["cpu_ms_per_request"]
                     print(f"{human(rows * row_bytes):>8s} F={inflight}  shm {ms['shm']:8.2f} ms ({mb['shm']:7.1f} MiB/s)"
                           f"  grpc {ms['grpc']:8.2f} ms ({mb['grpc']:7.1f} MiB/s)  grpc/shm {q['median']:5.2f}"
-                          f" ({q['min']:.2f}-{q['max']:.2f})  match {same}  regions {used}", flush=True)
+                          f" ({q['min']:.2f}-{q['max']:.2f})  cpu ms shm {cms['shm']:.2f} grpc {cms['grpc']:.2f}"
+                          f" grpc/shm {res['cpu_grpc_over_shm']}  match {same}  regions {used}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

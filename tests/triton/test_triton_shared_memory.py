@@ -85,6 +85,8 @@ def _table(rows: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
 
 
 def _echo(url: str, **kwargs: object) -> TritonStageClient:
+    """A client of the echo model; every request through shared memory unless told."""
+    kwargs.setdefault("shared_memory_min_bytes", 0)
     return TritonStageClient(url, "echo", {"x": "X"}, OUTPUTS, **kwargs)  # type: ignore[arg-type]
 
 
@@ -120,18 +122,20 @@ def test_rows_through_shared_memory_equal_the_wire(echo_server: TritonServer) ->
         wire.close()
 
 
-def test_small_requests_stay_on_the_wire(echo_server: TritonServer) -> None:
-    table, x = _table(100)
-    client = _echo(echo_server.grpc_url, batch_size=8)  # 16 KiB a request, under 64 KiB
+def test_requests_under_the_threshold_stay_on_the_wire(echo_server: TritonServer) -> None:
+    url = echo_server.grpc_url
+    table, x = _table(1000)
+    # 64 rows: 64 KiB in + 64.5 KiB out, under the default threshold (256 KiB).
+    client = TritonStageClient(url, "echo", {"x": "X"}, OUTPUTS, batch_size=64)
+    low = _echo(url, batch_size=64, shared_memory_min_bytes=128 << 10)
     try:
         _assert_exact(client.infer_table(table), x)
-        assert client.shared_memory_regions(echo_server.grpc_url) == []
-        low = _echo(echo_server.grpc_url, batch_size=8, shared_memory_min_bytes=4096)
+        assert client.shared_memory_regions(url) == []
         _assert_exact(low.infer_table(table), x)
-        assert 1 <= len(low.shared_memory_regions(echo_server.grpc_url)) <= 4  # max_inflight
-        low.close()
+        assert 1 <= len(low.shared_memory_regions(url)) <= 4  # max_inflight
     finally:
         client.close()
+        low.close()
 
 
 def test_regions_are_registered_once_and_reused(echo_server: TritonServer) -> None:
@@ -295,3 +299,19 @@ def test_layout_skips_bytes_and_variable_size_tensors() -> None:
     assert layout.outputs == (("B", 64, 4 * 2 * 8, (4, 2)), ("H", 128, 4 * 5 * 2, (4, 5)))
     assert layout.nbytes == 192
     assert request_layout(spec, {"T": arrays["T"]}, ["S", "V"], 0, 10) is None
+
+
+def test_the_stage_settings_reach_the_client() -> None:
+    from tierflow.engine.runners import make_transform
+    from tierflow.manifest import TritonStage
+    from tierflow.triton.shared_memory import DEFAULT_MIN_BYTES
+
+    base = {"name": "t", "kind": "triton", "model": "m", "inputs": {"a": "A"}, "outputs": {"B": "b"}}
+    default = TritonStage.model_validate(base)
+    assert (default.shared_memory, default.shared_memory_min_bytes) == ("auto", DEFAULT_MIN_BYTES)
+    stage = TritonStage.model_validate({**base, "shared_memory": "off", "shared_memory_min_bytes": 1 << 20})
+    client = make_transform([stage], "127.0.0.1:1").__self__  # type: ignore[attr-defined]
+    assert isinstance(client, TritonStageClient)
+    assert (client.shared_memory, client.shared_memory_min_bytes) == ("off", 1 << 20)
+    with pytest.raises(ValueError, match="shared_memory"):
+        TritonStage.model_validate({**base, "shared_memory": "on"})

@@ -93,6 +93,8 @@ def _stage_transform(stage: Stage, triton_url: str | tuple[str, ...] | None) -> 
             batch_size=stage.batch_size,
             max_inflight=stage.max_inflight,
             timeout_s=stage.timeout_s,
+            shared_memory=stage.shared_memory,
+            shared_memory_min_bytes=stage.shared_memory_min_bytes,
         )
         from tierflow.triton.deploy import DeployedEndpoints, EndpointFollower
 

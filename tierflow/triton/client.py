@@ -233,9 +233,9 @@ class TritonStageClient:
         urls = tuple(urls)
         if len(set(urls)) != len(urls):
             raise ValueError(f"url lists an endpoint twice: {list(urls)}")
-        gone = [u for u in self.urls if u not in urls]
+        # Before the pool closes their channels: unregistering needs them.
+        self._shm.close(u for u in self.urls if u not in urls)
         if self._pool.replace(urls, prefer):
-            self._shm.close(gone)
             self.urls = urls
             self.url = ", ".join(urls) or "(no endpoint)"
 

@@ -3,8 +3,10 @@
 When a client and its server share a host, a request's numeric tensors can skip the wire:
 the client copies its inputs into a POSIX shared-memory region the server has mapped, names
 the region and offset in the request, and has the server write the outputs into the same
-region. On the development machine this is 4x faster than gRPC at 1 MiB per request and
-8x at 4 MiB (``tools/bench_triton.py --shm``, BENCHMARKS.md), and already pays at 64 KiB.
+region. On the development machine a request is 2-3x faster than over gRPC at 1 MiB,
+3x at 4 MiB, 5-6x at 16 MiB, and costs about the same below 128 KiB
+(``tools/bench_triton.py --shm``, BENCHMARKS.md "Same-host shared memory"): requests under
+:data:`DEFAULT_MIN_BYTES` stay on the wire.
 
 :class:`SharedMemoryPool` holds one client process's regions, per endpoint:
 
@@ -82,9 +84,10 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 #: Smallest request (shared-memory bytes: inputs + outputs) sent through shared memory.
-#: Measured side by side (BENCHMARKS.md, "Same-host shared memory"): at 64 KiB the
-#: request already takes 0.7x the time it takes over gRPC.
-DEFAULT_MIN_BYTES = 64 << 10
+#: Measured side by side (BENCHMARKS.md, "Same-host shared memory"): at 64 KiB + 64 KiB
+#: a request costs the same CPU either way (gRPC/shm 1.0-1.04), at 128 KiB + 128 KiB
+#: gRPC costs 1.16-1.28x the CPU, at 256 KiB + 256 KiB 1.5x and the wall time follows.
+DEFAULT_MIN_BYTES = 256 << 10
 #: Tensors start on this boundary inside a region.
 _ALIGN = 64
 #: Regions are sized in whole pages.
