@@ -89,6 +89,7 @@ def status(manifest: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tierflow.engine.progress import human_bytes
     from tierflow.manifest import load_manifest
     from tierflow.workspace import cache_settings, open_journal, plan_manifest
     from tierflow.pipeline_status import last_reads, pipeline_status
@@ -106,7 +107,7 @@ def status(manifest: str) -> None:
         t.add_column(col, justify="left" if col in ("stage", "copies (bytes)", "last run read from") else "right")
     for s in st.stages:
         copies = ", ".join(
-            f"{k} {v} ({_human_bytes(s.bytes_at.get(k, 0))})" for k, v in sorted(s.locations.items())
+            f"{k} {v} ({human_bytes(s.bytes_at.get(k, 0))})" for k, v in sorted(s.locations.items())
         ) or "-"
         read = ", ".join(f"{k} {v}" for k, v in sorted(s.last_reads.items())) or "-"
         t.add_row(s.name + (" (changed)" if s.stale else ""), f"{s.done}/{s.total}", str(s.held_blocks),
@@ -116,12 +117,6 @@ def status(manifest: str) -> None:
     if not console.is_terminal:
         console.width = 120
     console.print(t)
-
-
-def _human_bytes(n: int) -> str:
-    from tierflow.engine.progress import human_bytes
-
-    return human_bytes(n)
 
 
 @main.command()

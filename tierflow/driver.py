@@ -100,13 +100,6 @@ def _cpus_needed(manifest: Manifest) -> int:
 
 
 @contextlib.contextmanager
-def _cluster_checked(manifest: Manifest, path: str) -> Iterator[None]:
-    """Between joining Ray and starting Triton: fail while nothing runs yet."""
-    check_cluster(manifest, path)
-    yield
-
-
-@contextlib.contextmanager
 def triton_endpoint(manifest: Manifest) -> Iterator[str | tuple[str, ...] | None]:
     """The gRPC URL(s) Triton stages use: a launched bundled server, servers deployed on
     the Ray cluster (``triton.deploy``: a running deployment of that name is reused and left
@@ -186,14 +179,12 @@ def run_pipeline(
         journal.begin(manifest.name, len(plan.blocks), {s.name: s.fingerprint for s in plan.stages},
                       sink_fingerprint(plan))
         executor.start_step = resume_points(plan, journal, sink.existing_parts())
-        with (
-            ray_session(manifest, address) as stage_env,
-            _cluster_checked(manifest, source),
-            triton_endpoint(manifest) as url,
-        ):
-            executor.backend = RayBackend(stage_env)
-            executor.triton_url = url
-            report = executor.run()
+        with ray_session(manifest, address) as stage_env:
+            check_cluster(manifest, source)  # Ray is up, Triton not yet started: nothing runs
+            with triton_endpoint(manifest) as url:
+                executor.backend = RayBackend(stage_env)
+                executor.triton_url = url
+                report = executor.run()
         state = "succeeded"
         return report
     finally:
