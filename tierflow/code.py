@@ -15,12 +15,36 @@ from collections.abc import Iterable
 from typing import Any
 
 
+_manifest_dirs: set[str] = set()  # every directory add_import_paths has put on sys.path
+
+
 def add_import_paths(paths: Iterable[str]) -> None:
     """Make modules next to the manifest importable (idempotent)."""
     for p in paths:
         if p in sys.path:
             sys.path.remove(p)
         sys.path.insert(0, p)  # first: the manifest's own modules win over same-named ones
+        _forget_other_manifests_modules(os.path.realpath(p))
+    importlib.invalidate_caches()  # files written since the finders last listed the directory
+
+
+def _forget_other_manifests_modules(root: str) -> None:
+    """Drop modules an earlier manifest's directory supplied under a name ``root`` also has.
+
+    A process that runs two manifests (a notebook, a test session) would otherwise keep the
+    first one's ``steps`` module for the second: wrong code, and block keys from the wrong
+    file's digest. Modules from anywhere else (installed packages) are never touched."""
+    others = tuple(d + os.sep for d in _manifest_dirs - {root})
+    _manifest_dirs.add(root)
+    if not others:
+        return
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None)
+        if not origin or not os.path.realpath(origin).startswith(others):
+            continue
+        local = os.path.join(root, name.partition(".")[0])
+        if os.path.isfile(local + ".py") or os.path.isfile(os.path.join(local, "__init__.py")):
+            del sys.modules[name]
 
 
 def local_modules(targets: Iterable[str], base_dir: str) -> list[str]:
