@@ -6,11 +6,12 @@ import doctest
 
 import tierflow.engine.placement
 import tierflow.engine.policy
+import tierflow.retry
 from tierflow.engine.policy import RETRY, SPECULATE_MIN_SAMPLES, Cancel, Speculate, Strikes, Watched, watch
 
 
 def test_doctests() -> None:
-    for module in (tierflow.engine.policy, tierflow.engine.placement):
+    for module in (tierflow.engine.policy, tierflow.engine.placement, tierflow.retry):
         assert doctest.testmod(module).failed == 0
 
 

@@ -33,7 +33,8 @@ from tierflow.triton.deploy import (
     placements,
     resource_report,
 )
-from tierflow.triton.endpoints import EndpointPool, RetryPolicy
+from tierflow.retry import RetryPolicy
+from tierflow.triton.endpoints import EndpointPool
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = str(ROOT / "triton_models")

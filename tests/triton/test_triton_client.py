@@ -15,7 +15,7 @@ import pytest
 
 from tierflow.errors import ModelError, TritonUnavailable
 from tierflow.triton.client import TritonStageClient
-from tierflow.triton.endpoints import RetryPolicy
+from tierflow.retry import RetryPolicy
 from tierflow.triton.server import TritonServer, _free_port
 
 pytestmark = pytest.mark.triton

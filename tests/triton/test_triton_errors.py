@@ -25,7 +25,8 @@ from tritonclient.utils import InferenceServerException
 
 from tierflow.errors import InferenceError, ModelError, TritonUnavailable
 from tierflow.triton.client import TritonStageClient
-from tierflow.triton.endpoints import EndpointStats, RetryPolicy
+from tierflow.retry import RetryPolicy
+from tierflow.triton.endpoints import EndpointStats
 from tierflow.triton.errors import STATUS_ERRORS, map_triton_errors
 
 REPO = Path(__file__).resolve().parents[2] / "triton_models"

@@ -26,7 +26,8 @@ import tritonclient.grpc as grpcclient
 
 from tierflow.errors import TritonUnavailable
 from tierflow.triton.client import TritonStageClient
-from tierflow.triton.endpoints import EndpointStats, RetryPolicy
+from tierflow.retry import RetryPolicy
+from tierflow.triton.endpoints import EndpointStats
 from tierflow.triton.server import TritonServer, _free_port
 
 pytestmark = pytest.mark.triton

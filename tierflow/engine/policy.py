@@ -14,7 +14,7 @@ from collections import defaultdict, deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tierflow.triton.endpoints import RetryPolicy
+from tierflow.retry import RetryPolicy
 
 __all__ = ["RETRY", "Cancel", "Speculate", "Strikes", "Watched", "watch"]
 

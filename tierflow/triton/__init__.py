@@ -17,7 +17,8 @@
 from __future__ import annotations
 
 from tierflow.triton.client import TritonStageClient
-from tierflow.triton.endpoints import EndpointStats, RetryPolicy
+from tierflow.retry import RetryPolicy
+from tierflow.triton.endpoints import EndpointStats
 from tierflow.triton.errors import STATUS_ERRORS, map_triton_errors
 from tierflow.triton.readiness import wait_until_ready
 from tierflow.triton.repository import (

@@ -35,8 +35,8 @@ Usage::
     )
     table = client.infer_table(table)     # + "probs" fixed_size_list<float>[4], "label" int64
 
-Columns become tensors and tensors columns in :mod:`tierflow.triton.convert`; endpoints,
-their health and :class:`RetryPolicy` live in :mod:`tierflow.triton.endpoints`.
+Columns become tensors and tensors columns in :mod:`tierflow.triton.convert`; the
+endpoints and their health in :mod:`tierflow.triton.endpoints`; :class:`RetryPolicy` in :mod:`tierflow.retry`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ import tritonclient.grpc as grpcclient
 
 from tierflow.errors import InferenceError, ModelError, TritonUnavailable
 from tierflow.triton.convert import column_to_tensor, numpy_dtype, tensor_to_column
-from tierflow.triton.endpoints import Endpoint, EndpointPool, EndpointStats, RetryPolicy
+from tierflow.retry import RetryPolicy
+from tierflow.triton.endpoints import Endpoint, EndpointPool, EndpointStats
 from tierflow.triton.errors import map_triton_errors
 from tierflow.triton.repository import ModelSpec, spec_from_config
 from tierflow.triton.shared_memory import (
