@@ -82,7 +82,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 LAYERS: list[tuple[str, ...]] = [
     # The vocabulary every layer speaks: errors, the manifest's types, events, credentials.
     ("tierflow.errors", "tierflow.manifest", "tierflow.credentials", "tierflow.code",
-     "tierflow.events", "tierflow.faults", "tierflow.retry"),
+     "tierflow.events", "tierflow.faults", "tierflow.retry", "tierflow.stores"),
     ("tierflow.cache", "tierflow.triton"),
     ("tierflow.plan", "tierflow.io"),
     ("tierflow.engine", "tierflow.metrics"),

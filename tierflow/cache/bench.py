@@ -202,12 +202,10 @@ def _remove_prefix(url: str, settings: CacheSettings) -> None:
     as a failed benchmark must not hide its own error behind a clean-up one."""
     import contextlib
 
-    import fsspec
-
-    from tierflow.credentials import resolve_storage_options
+    from tierflow.stores import open_store
 
     with contextlib.suppress(Exception):
-        fs, path = fsspec.core.url_to_fs(url, **resolve_storage_options(dict(settings.storage_options)))
+        fs, path = open_store(url, settings.storage_options)
         fs.rm(path, recursive=True)
         parent = path.rsplit("/", 1)[0]
         if not fs.ls(parent):

@@ -14,20 +14,20 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import fsspec
 from fsspec import AbstractFileSystem
 
-from tierflow.credentials import resolve_storage_options, scrub, secret_values
+from tierflow.credentials import scrub, secret_values
 from tierflow.errors import StoreError, TierflowError, medium_failures
 from tierflow.faults import crash_point
+from tierflow.stores import open_store
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem and in-filesystem path for ``url``."""
-    fs, path = fsspec.core.url_to_fs(url, **resolve_storage_options(storage_options or {}))
-    return fs, path
+    """The filesystem and in-filesystem path for ``url`` (networked stores bounded in time:
+    :func:`tierflow.stores.open_store`)."""
+    return open_store(url, storage_options)
 
 
 @contextmanager

@@ -34,8 +34,9 @@ from fsspec.implementations.local import LocalFileSystem
 from tierflow.cache import codec
 from tierflow.cache.base import Counters, TierStats, tier_errors
 from tierflow.cache.keys import validate_key
-from tierflow.credentials import resolve_storage_options, secret_values
+from tierflow.credentials import secret_values
 from tierflow.errors import CorruptObject, TierUnavailable
+from tierflow.stores import open_store
 
 __all__ = ["SUFFIX", "RemoteTier", "redact_url"]
 
@@ -106,24 +107,13 @@ class RemoteTier:
         with self._lock:
             if self._fs is not None and self._pid == os.getpid():
                 return self._fs
+            self._secrets = secret_values(self._options, self._environ)
+            options = {"skip_instance_cache": True, **self._options}  # this tier's own client and timeouts
             try:
-                options = resolve_storage_options(self._options, self._environ)
+                with tier_errors(self.name, self._secrets):
+                    fs, root = open_store(self.url, options, timeout_s=self.timeout_s, environ=self._environ)
             except KeyError as exc:
                 raise TierUnavailable(self.name, str(exc.args[0])) from None
-            self._secrets = secret_values(self._options, self._environ)
-            protocol = urlsplit(self.url).scheme or "file"
-            if protocol in ("s3", "s3a"):
-                options.setdefault("skip_instance_cache", True)
-                options.setdefault("use_listings_cache", False)
-                config = dict(options.get("config_kwargs") or {})
-                config.setdefault("connect_timeout", min(self.timeout_s, 10.0))
-                config.setdefault("read_timeout", self.timeout_s)
-                config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
-                options["config_kwargs"] = config
-            with tier_errors(self.name, self._secrets):
-                fs, root = fsspec.core.url_to_fs(self.url, **options)
-            if protocol in ("s3", "s3a"):
-                fs.retries = 2  # s3fs's own retry loop, on top of botocore's
             self._fs, self._root, self._pid = fs, root.rstrip("/"), os.getpid()
             return fs
 
