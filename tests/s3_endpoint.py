@@ -47,6 +47,11 @@ class S3Endpoint:
         return f"s3://{name}"
 
 
+def free_port() -> int:
+    """One TCP port with nothing listening on it (see :func:`free_ports`)."""
+    return free_ports(1)[0]
+
+
 def free_ports(n: int, low: int = 20000) -> list[int]:
     """``n`` distinct TCP ports free on 127.0.0.1 right now, below the kernel's ephemeral
     range (so no outgoing connection takes one while a server using them is down) and at

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ import tritonclient.grpc as grpcclient
 from click.testing import CliRunner
 
 from example_copy import ROOT
+from s3_endpoint import free_port
 from tierflow.cli import main
 from tierflow.manifest import Manifest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.triton

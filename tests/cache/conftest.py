@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import fsspec
@@ -20,10 +19,3 @@ def memory_store() -> Iterator[str]:
     fs.store.clear()
     fs.pseudo_dirs.clear()
     fs.pseudo_dirs.append("")
-
-
-def free_port() -> int:
-    """A TCP port with nothing listening on it (for unreachable-store tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

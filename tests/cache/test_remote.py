@@ -10,13 +10,12 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from s3_endpoint import S3Endpoint
+from s3_endpoint import S3Endpoint, free_port
 
 from tierflow.cache.tiers.remote import RemoteTier, redact_url
 from tierflow.errors import CorruptObject, TierUnavailable
 
 from .conformance import KEY, TierConformance, frame_of, table_frame
-from .conftest import free_port
 
 
 class TestMemoryRemote(TierConformance):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from s3_endpoint import S3Endpoint
+from s3_endpoint import S3Endpoint, free_port
 
 from tierflow.cache import codec
 from tierflow.cache.settings import CacheSettings
@@ -24,7 +24,6 @@ from tierflow.cache.tiered import BlockMeta, TieredCache, close_all, get_cache
 from tierflow.cache.tiers.remote import RemoteTier
 from tierflow.errors import CorruptObject, InvalidKey, ReplicaLost, TierUnavailable
 
-from .conftest import free_port
 from .faults import FaultyTier, flip_byte_in_file
 
 KEY = "demo/3f9a1c0e/clean/000042"
