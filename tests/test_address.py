@@ -77,10 +77,21 @@ def test_run_joins_a_cluster_and_ships_the_stage_code(tmp_path: Path, cluster: A
     manifest = job / "joined.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run(
-        [sys.executable, "-m", "tierflow", "run", "--quiet", "--address", cluster.address, str(manifest)],
-        cwd=tmp_path, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=300,
-    )
+
+    def tierflow(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tierflow", *args], cwd=tmp_path, timeout=300,
+                              env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True)
+
+    # validate --address: the cluster's nodes checked before anything is started on them
+    doc["stages"][0]["num_gpus"] = 1
+    greedy = job / "greedy.yaml"
+    greedy.write_text(yaml.safe_dump(doc))
+    res = tierflow("validate", "--address", cluster.address, str(greedy))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "greedy.yaml" in res.stderr and "stages[0]" in res.stderr and "GPU" in res.stderr
+    assert tierflow("validate", str(greedy)).returncode == 0  # without a cluster there is nothing to hold it to
+
+    res = tierflow("run", "--quiet", "--address", cluster.address, str(manifest))
     assert res.returncode == 0, res.stderr[-3000:]
     out = ds.dataset(str(job / "out"), format="parquet", exclude_invalid_files=True).to_table().sort_by("id")
     assert out["id"].to_pylist() == list(range(1000))

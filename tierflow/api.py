@@ -110,15 +110,33 @@ def _manifest(manifest: ManifestLike) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
-def validate(manifest: ManifestLike) -> Manifest:
-    """Check everything checkable without running (fields, code, columns, models).
+def validate(manifest: ManifestLike, *, address: str | None = None) -> Manifest:
+    """Check everything checkable without running (fields, code, columns, models); with
+    ``address``, also that the Ray cluster there has a node for every stage and deployment
+    (what ``run`` checks before its first block). Nothing is started on the cluster.
 
     Returns the manifest, loaded. Raises ManifestError naming the file, field and reason.
     """
     from tierflow.checks import check_manifest
 
     m = _manifest(manifest)
-    check_manifest(m, "<manifest>" if isinstance(manifest, Manifest) else str(manifest))
+    where = "<manifest>" if isinstance(manifest, Manifest) else str(manifest)
+    check_manifest(m, where)
+    if address:
+        import logging
+
+        import ray
+
+        from tierflow.capacity import check_cluster
+
+        joined = not ray.is_initialized()
+        if joined:
+            ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            check_cluster(m, where)
+        finally:
+            if joined:
+                ray.shutdown()
     return m
 
 

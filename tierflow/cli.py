@@ -44,17 +44,19 @@ def main() -> None:
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--schema", is_flag=True, help="Print the manifest's JSON Schema instead.")
-def validate(manifest: str, schema: bool) -> None:
+@click.option("--address", default=None,
+              help="Also check that this Ray cluster ('auto', ray://...) has a node for every stage.")
+def validate(manifest: str, schema: bool, address: str | None) -> None:
     """Check MANIFEST without running anything (exit 2 on any problem)."""
-    from tierflow.checks import check_manifest
-    from tierflow.manifest import Manifest, load_manifest
+    from tierflow.api import validate as validate_manifest
+    from tierflow.manifest import Manifest
 
     if schema:
         click.echo(json.dumps(Manifest.model_json_schema(), indent=1))
         return
     with _exit_codes():
-        check_manifest(load_manifest(manifest), manifest)
-    click.echo(f"{manifest}: ok")
+        validate_manifest(manifest, address=address)
+    click.echo(f"{manifest}: ok" + (f" (and the cluster at {address} can hold it)" if address else ""))
 
 
 @main.command()
