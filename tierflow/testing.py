@@ -106,6 +106,9 @@ class InlineBackend:
     def lost_nodes(self) -> list[str]:
         return []
 
+    def restarted_servers(self) -> list[str]:
+        return []
+
     def actor_counts(self, step: int) -> tuple[int, int]:
         return 0, 0
 

@@ -18,19 +18,14 @@ from tierflow.engine.state import Dispatch
 from tierflow.io.sink import Sink
 from tierflow.plan import Plan
 
-__all__ = ["SINK_CONCURRENCY", "SINK_CPUS", "Backend", "stage_limits"]
+__all__ = ["SINK_CONCURRENCY", "SINK_CPUS", "Backend", "Blocks", "Cluster", "Steps", "stage_limits"]
 
 SINK_CONCURRENCY = 2
 SINK_CPUS = 1.0  # a sink task encodes Parquet
 
 
-class Backend(Protocol):
-    """Runs steps of one plan. Not thread-safe; used by the driver loop only.
-
-    Optional: ``restarted_servers() -> list[str]``, the servers (``cache:<node>``,
-    ``triton:<node>``) found dead and started again since the last call; the executor
-    records each as a ``server_restarted`` fault. Backends without servers leave it out.
-    """
+class Steps(Protocol):
+    """Running steps: what every backend must do."""
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         """Get ready to run (actors started, shared objects published). Returns, per step
@@ -47,10 +42,6 @@ class Backend(Protocol):
         finished one. A lost worker or actor is a failed, retryable Outcome."""
         ...
 
-    def delete(self, keys: list[str], wait: bool = False) -> None:
-        """Drop cache blocks (asynchronously unless ``wait``)."""
-        ...
-
     def can_add(self, step: int) -> bool:
         """Whether a copy more of ``step`` can start now (a speculative one)."""
         ...
@@ -60,26 +51,29 @@ class Backend(Protocol):
         With a ``reason`` (a timeout), ``wait`` reports one retryable failure for it."""
         ...
 
+    def exclude(self, step: int, node: str) -> bool:
+        """Give ``step`` no more work on ``node``; False when it is the last node left."""
+        ...
+
     def dead_letter(self, step: int, block: int, error: str, input_locations: tuple[str, ...]) -> None:
         """Write block ``block``'s input to step ``step`` and ``error`` to the dead letters."""
         ...
 
-    def exclude(self, step: int, node: str) -> bool:
-        """Give ``step`` no more work on ``node``; False when it is the last node left."""
+    def shutdown(self) -> None:
+        """Wait for dead letters to be written, then stop every actor."""
+        ...
+
+
+class Blocks(Protocol):
+    """The cache's copies of committed blocks, on the nodes and in the durable store."""
+
+    def delete(self, keys: list[str], wait: bool = False) -> None:
+        """Drop cache blocks (asynchronously unless ``wait``)."""
         ...
 
     def flush(self, prefix: str) -> int:
         """Write the durable copies still missing under ``prefix`` on every node; returns
         how many were written. Raises TierUnavailable while the durable store is down."""
-        ...
-
-    def lost_nodes(self) -> list[str]:
-        """Nodes found dead since the last call (Ray's node table)."""
-        ...
-
-    def actor_counts(self, step: int) -> tuple[int, int]:
-        """Actors of ``step`` so far: retired for failing too often, and standby spares that
-        took over ((0, 0) for task stages)."""
         ...
 
     def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
@@ -90,9 +84,28 @@ class Backend(Protocol):
         """``(step, block, locations added)`` of the re-replications finished since the last call."""
         ...
 
-    def shutdown(self) -> None:
-        """Wait for dead letters to be written, then stop every actor."""
+
+class Cluster(Protocol):
+    """What happened to the machines: the executor turns each answer into faults."""
+
+    def lost_nodes(self) -> list[str]:
+        """Nodes found dead since the last call (Ray's node table)."""
         ...
+
+    def restarted_servers(self) -> list[str]:
+        """Servers (``cache:<node>``, ``triton:<node>``) found dead and started again since
+        the last call; each becomes a ``server_restarted`` fault."""
+        ...
+
+    def actor_counts(self, step: int) -> tuple[int, int]:
+        """Actors of ``step`` so far: retired for failing too often, and standby spares that
+        took over ((0, 0) for task stages)."""
+        ...
+
+
+class Backend(Steps, Blocks, Cluster, Protocol):
+    """Runs steps of one plan. Not thread-safe; used by the driver loop only. Each method
+    carries out one kind of instruction of the executor; the decisions are the executor's."""
 
 
 def stage_limits(plan: Plan, nodes: Mapping[str, Mapping[str, float]] | None = None) -> list[int]:

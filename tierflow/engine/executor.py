@@ -279,9 +279,7 @@ class Executor:
         """Note dead nodes (report), stop pointing readers at the copies they held, and
         bring the blocks still waiting for a reader back to ``replicas`` copies, so that
         the next lost node costs no recomputation either."""
-        # optional (see ``Backend``): only a backend with servers to restart reports them
-        restarted = getattr(self.backend, "restarted_servers", None)
-        for server in restarted() if restarted is not None else ():
+        for server in self.backend.restarted_servers():
             self.telemetry.fault("server_restarted", server)
             self.servers_restarted.append({"server": server, "at_s": round(self.clock() - self._started, 3)})
         for node in self.backend.lost_nodes():
