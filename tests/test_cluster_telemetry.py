@@ -1,17 +1,16 @@
 """Telemetry on a real 2-node cluster: reads from a peer node are counted as such (measured
 in the workers), and a node lost mid-run shows on the run's timeline.
 
-Stage ``a`` is a checkpoint, so with ``replicas: 2`` and a durable store each of its blocks
-is on its writer's LMDB and in the durable store, not on the other node. Stage ``b`` takes
-a whole node per step (``num_cpus: 2``), two at a time: while the node holding a block's
-copy is busy, the step runs on the other one and reads the copy from its peer. Midway
-through ``b`` the test removes a node; what ``b`` still needs of that node's blocks then
-comes from the durable store.
+Stage ``a`` is a checkpoint that runs only on the first node (a resource only that node
+has), so with ``replicas: 2`` and a durable store each of its blocks is on that node's LMDB
+and in the durable store, not on the second node. Stage ``b`` takes a whole node per step
+(``num_cpus: 2``), two at a time: one runs beside the copy, the other spills to the second
+node (the first is busy) and reads the copy from its peer. Midway through ``b`` the test
+removes the second node; ``b`` finishes on the first.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,20 +47,23 @@ def b(t, gate, log):
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    with LocalCluster(nodes=2, cpus_per_node=2, pythonpath=[str(tmp_path / "ex")]) as c:
+    with LocalCluster(nodes=1, cpus_per_node=2, pythonpath=[str(tmp_path / "ex")],
+                      node_args={"resources": {"writer": 4}}) as c:
+        c.add_node(resources={})
+        c.cluster.wait_for_nodes()
         yield c
 
 
 def test_peer_reads_are_counted_and_a_lost_node_is_on_the_timeline(tmp_path: Path, cluster: LocalCluster) -> None:
     ex = make_example(tmp_path / "ex", rows=ROWS)
     (ex / "steps.py").write_text(CODE)
-    importlib.invalidate_caches()  # the directory was on sys.path (empty) before the file was
     gate, log = tmp_path / "go", tmp_path / "b.log"
     doc = {
         "name": "peers",
         "source": {"format": "parquet", "path": "data/", "block_rows": BLOCK_ROWS, "columns": ["id"]},
         "stages": [
-            {"name": "a", "kind": "python", "fn": "steps:a", "concurrency": 4, "checkpoint": True},
+            {"name": "a", "kind": "python", "fn": "steps:a", "concurrency": 4, "checkpoint": True,
+             "resources": {"writer": 1}},
             {"name": "b", "kind": "python", "fn": "steps:b", "concurrency": 2, "num_cpus": 2,
              "params": {"gate": str(gate), "log": str(log)}},
         ],
@@ -79,7 +81,7 @@ def test_peer_reads_are_counted_and_a_lost_node_is_on_the_timeline(tmp_path: Pat
         gate.touch()
         assert run.wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 10,
                             timeout_s=180), "stage b never got going"
-        cluster.remove_node(cluster.workers[0])
+        cluster.remove_node(cluster.workers[1])  # the one without copies: a can still run
     finally:
         gate.touch()
     report = run.report(timeout_s=300)

@@ -249,9 +249,10 @@ class LocalCluster:
 
     # -- nodes
 
-    def add_node(self) -> Any:
-        """Add a fresh worker node (like the others); returns Ray's node handle."""
-        node = self.cluster.add_node(**self._node_args())
+    def add_node(self, **args: Any) -> Any:
+        """Add a fresh worker node, like the others but for ``args`` (``add_node``'s keyword
+        arguments, e.g. ``resources={}``); returns Ray's node handle."""
+        node = self.cluster.add_node(**{**self._node_args(), **args})
         self.workers.append(node)
         return node
 
