@@ -316,7 +316,9 @@ def test_two_servers_share_the_load_and_a_stopped_one_is_taken_out(
     stats: dict[str, EndpointStats] = {s.url: s for s in client.endpoint_stats()}
     stopped, alive = stats[extra.grpc_url], stats[triton_server.grpc_url]
     assert stopped.state != "healthy" and stopped.removals >= 1
-    assert "UNAVAILABLE" in stopped.last_error
+    # a server going down refuses connections (UNAVAILABLE) or, caught while it unloads its
+    # models, answers that the model is gone (NOT_FOUND): both are failover, not a model error
+    assert "UNAVAILABLE" in stopped.last_error or "NOT_FOUND" in stopped.last_error, stopped.last_error
     # Taken out of rotation: after it went down it saw the calls already on their way
     # (the window) and one trial per cool-down, not its share of the remaining 50 requests.
     assert stopped.sent - at_stop[extra.grpc_url].sent <= 4 + 2
