@@ -98,3 +98,8 @@ def test_peer_reads_are_counted_and_a_lost_node_is_on_the_timeline(tmp_path: Pat
     assert 0 < at < b["t"][-1]
     done_then = max(d for t, d in zip(b["t"], b["done"]) if t <= at)
     assert done_then < BLOCKS
+    # held bytes: b's copies on the lost node left the totals once (at the loss, not again
+    # when their blocks were consumed); a's checkpoint copies were never on it
+    assert set(b["held"].values()) == {0}, b["held"]
+    a = tel["steps"][0]
+    assert a["held"]["local"] == a["writes"]["local"]["bytes"] > 0 and a["held"].get("peer", 0) == 0

@@ -52,8 +52,12 @@ METRIC_NAMES = (
     "tierflow_stage_retries_total", "tierflow_stage_reexecutions_total", "tierflow_stage_cpus_in_use",
     "tierflow_stage_gpus_in_use", "tierflow_cache_reads_total", "tierflow_cache_writes_total",
     "tierflow_cache_written_bytes_total", "tierflow_faults_total", "tierflow_workers_memory_bytes",
-    "tierflow_driver_memory_bytes", "tierflow_run_elapsed_seconds",
+    "tierflow_driver_memory_bytes", "tierflow_run_elapsed_seconds", "tierflow_stage_backpressured",
+    "tierflow_stage_workers", "tierflow_stage_memory_bytes", "tierflow_stage_memory_peak_bytes",
+    "tierflow_stage_step_memory_peak_bytes", "tierflow_cache_read_bytes_total", "tierflow_cache_held_bytes",
+    "tierflow_cache_spilled_bytes_total", "tierflow_cache_evicted_bytes_total",
 )
+MEMORY_TIER_BYTES = 4096  # a block's frame is ~1.1 KB: the workers' memory tiers evict after 3
 
 
 def free_port() -> int:
@@ -90,8 +94,9 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """One real run of a 2-stage pipeline (a slow task stage, an actor stage) with metrics
-    on, scraped every 50 ms while it lasts."""
+    """One real run of a 2-stage pipeline (a slow task stage kept as a checkpoint, an actor
+    stage) with metrics on, scraped every 50 ms while it lasts; memory tiers small enough to
+    evict."""
     ex = make_example(tmp_path_factory.mktemp("report") / "ex", rows=ROWS)
     (ex / "tele.py").write_text(CODE)
     port = free_port()
@@ -99,11 +104,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         "name": "tele",
         "source": {"format": "parquet", "path": "data/", "block_rows": BLOCK_ROWS, "columns": ["id"]},
         "stages": [
-            {"name": "slow", "kind": "python", "fn": "tele:slow", "params": {"seconds": 0.3, "alloc_mib": ALLOC_MIB}},
+            {"name": "slow", "kind": "python", "fn": "tele:slow", "params": {"seconds": 0.3, "alloc_mib": ALLOC_MIB},
+             "checkpoint": True},
             {"name": "double", "kind": "python", "cls": "tele:Double", "concurrency": 1},
         ],
         "sink": {"path": "out/", "mode": "overwrite"},
         "metrics": {"port": port, "host": "127.0.0.1"},
+        "cache": {"memory_bytes": MEMORY_TIER_BYTES},
     }
     manifest = ex / "tele.yaml"
     manifest.write_text(yaml.safe_dump(doc))
@@ -145,6 +152,11 @@ def test_report_timelines_end_at_the_committed_blocks(run: Run) -> None:
     assert sum(double["read_bytes"].values()) > 0
     assert sum(w["count"] for w in slow["writes"].values()) >= BLOCKS
     assert sink["writes"]["sink"]["count"] == BLOCKS and sink["writes"]["sink"]["bytes"] > 0
+    # held: the checkpoint's blocks stay (every copy written), the others were consumed
+    assert slow["held"] == {"local": slow["writes"]["local"]["bytes"]} and slow["held"]["local"] > 0
+    assert set(double["held"].values()) == {0} and double["spilled"] == 0
+    # the actor read and wrote every block through a memory tier that holds three
+    assert double["evicted"]["memory"] > 0 and "held_back" in double
     mem = tel["memory"]
     assert mem["t"] and min(mem["workers"]) >= 1 and min(mem["workers_rss"]) > 0 and min(mem["driver_rss"]) > 0
 
@@ -174,6 +186,25 @@ def test_metrics_endpoint_serves_the_documented_metrics_during_the_run(run: Run)
     assert value(last, "tierflow_stage_blocks", pipeline="tele", stage="slow") == BLOCKS
     assert value(last, "tierflow_cache_reads_total", pipeline="tele", stage="slow", tier="source") is not None
     assert value(last, "tierflow_faults_total", pipeline="tele", kind="node_lost") == 0  # exported from 0
+    # the figures added with the resource and cache tables, real and non-zero
+    final = run.report["telemetry"]["steps"]
+    slow = {"pipeline": "tele", "stage": "slow"}
+    double = {"pipeline": "tele", "stage": "double"}
+
+    def highest(name: str, **labels: str) -> float:
+        return max(value(s, name, **labels) or 0.0 for s in sampled)
+
+    assert highest("tierflow_stage_workers", **slow) >= 1
+    assert highest("tierflow_stage_memory_bytes", **slow) > 20 * 2**20  # a Python worker's RSS, at least
+    assert value(last, "tierflow_stage_memory_peak_bytes", **slow) >= ALLOC_MIB * 2**20
+    assert 0.8 * ALLOC_MIB * 2**20 <= (value(last, "tierflow_stage_step_memory_peak_bytes", **slow) or 0)
+    read = [value(last, "tierflow_cache_read_bytes_total", **double, tier=t) or 0.0 for t in ("memory", "local")]
+    assert sum(read) > 0 and value(last, "tierflow_cache_read_bytes_total", **slow, tier="source")
+    assert 0 < highest("tierflow_cache_held_bytes", **slow, tier="local") <= final[0]["held"]["local"]
+    assert value(last, "tierflow_cache_held_bytes", **slow, tier="remote") == 0  # every tier exported
+    assert value(last, "tierflow_cache_spilled_bytes_total", **slow) == 0  # one node, room on its LMDB
+    assert 0 < highest("tierflow_cache_evicted_bytes_total", **double, tier="memory") <= final[1]["evicted"]["memory"]
+    assert value(last, "tierflow_stage_backpressured", **slow) in (0, 1)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in METRIC_NAMES:
         assert name in readme, f"{name} is not documented in README.md"

@@ -59,6 +59,7 @@ def test_lru_eviction_keeps_recently_read(tmp_path: Path) -> None:
     assert list(tier.list()) == ["p/f/s/000000", "p/f/s/000002", "p/f/s/000003"]
     stats = tier.stats()
     assert stats.evictions == 1 and stats.bytes_used == 3 * len(VALUE) and stats.entries == 3
+    assert stats.bytes_evicted == tier.bytes_evicted() == len(VALUE)
     assert tier.check() == []
     tier.close()
 

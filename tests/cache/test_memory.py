@@ -31,6 +31,7 @@ def test_lru_eviction_by_bytes() -> None:
     assert list(tier.list()) == ["p/f/s/000000", "p/f/s/000002", "p/f/s/000003"]
     stats = tier.stats()
     assert stats.evictions == 1 and stats.bytes_used == 3 * len(value)
+    assert stats.bytes_evicted == len(value)  # the bytes of what was dropped
 
 
 def test_value_larger_than_capacity_is_not_kept() -> None:

@@ -33,7 +33,8 @@ def _busy_run() -> tuple[list[StepView], list[StepUsage]]:
                               executions=120_000, retries=12, timeouts=3, started=0.0))
         u = StepUsage(cpus=1.5, gpus=0.25, rss_peak=37 * gib, grew_peak=3 * gib, spilled=1234 * gib,
                       rss_now=512 * gib, memory_tier_now=64 * gib,
-                      held={"local": 1500 * gib, "peer": 1500 * gib, "remote": 2 * gib})
+                      held={"local": 1500 * gib, "peer": 1500 * gib, "remote": 2 * gib},
+                      evicted={"memory": 900 * gib, "local": 99 * gib})
         u.reads = {"memory": [12_345, 0], "local": [99_999, 0], "peer": [8_000, 0], "remote": [123, 0],
                    "source": [120_000, 0]}
         u.workers = {(f"n{w}", w): (0.0, gib, 0) for w in range(64)}
@@ -55,7 +56,7 @@ def test_live_tables_fit_120_columns_one_line_per_stage() -> None:
         rows = [line for line in lines if name in line]
         assert len(rows) == 3, rows  # one row per table, none folded onto a second line
     first = next(line for line in lines if "stage_00_embedder" in line and "CPU" not in line and "1.5T" in line)
-    assert "1.5T" in first and "1.2T" in first  # held on the node's LMDB, spilled
+    assert "1.5T" in first and "1.2T" in first and "999G" in first  # held on the node's LMDB, spilled, evicted
     assert "96/96" in out.getvalue() and "16/16" in out.getvalue()  # CPUs and GPUs in use / at most
     assert "12k/100k/8000/123/120k" in out.getvalue()  # reads per tier
     assert "93%" in out.getvalue()  # on node: memory + local of the cache reads (the source's not counted)
@@ -77,3 +78,4 @@ def test_plain_lines_carry_the_resource_and_cache_figures() -> None:
     Progress("p", steps[:1], out=out, usage=usage[:1]).refresh(force=True)
     line = out.getvalue()
     assert "queued 1234" in line and "cpus 96" in line and "peak 37G" in line and "on-node reads 93%" in line
+    assert "evicted 999G" in line

@@ -202,3 +202,39 @@ def test_finish_takes_a_last_sample_runs_closers_and_is_json() -> None:
     assert closed == [True]
     tel.finish(views)
     assert closed == [True]  # once
+
+
+def test_a_lost_nodes_copies_stop_counting_as_held_and_re_replicated_copies_start() -> None:
+    clock = FakeClock()
+    tel, views = recorder(clock)
+    tel.block(0, _done("n1", ("lmdb:n1", "lmdb:n2")), 0)
+    tel.block(0, _done("n2", ("lmdb:n2", "lmdb:n3"), 200), 1)
+    tel.block(1, _done("n2", ("lmdb:n2",), 50, pid=7, rss_end=10), 0)
+    assert tel.usage[0].held == {"local": 1200, "peer": 1200}
+    tel.node_lost("n2")
+    assert tel.usage[0].held == {"local": 1000, "peer": 200}  # n2's local 200 and peer 1000 are gone
+    assert tel.usage[1].held == {"local": 0} and tel.usage[1].workers == {}
+    assert tel.to_json()["fault_counts"] == {"node_lost": 1}
+    tel.copied(0, 1, ("lmdb:n4",))  # block 1 is back to two copies
+    assert tel.usage[0].held == {"local": 1000, "peer": 400}
+    tel.block(0, _done("n1", ("lmdb:n1", "lmdb:n2"), 10), 2)  # reported after n2 was lost
+    assert tel.usage[0].held == {"local": 1010, "peer": 400}
+    for block in (0, 1, 2):
+        tel.consumed(0, block)
+    assert tel.usage[0].held == {"local": 0, "peer": 0}  # never below zero: lost copies not taken twice
+    tel.copied(0, 0, ("lmdb:n5",))  # consumed meanwhile: nothing to add
+    assert tel.usage[0].held == {"local": 0, "peer": 0}
+
+
+def test_evicted_bytes_are_summed_per_tier_and_backpressure_is_sampled() -> None:
+    clock = FakeClock()
+    tel, views = recorder(clock)
+    tel.block(0, _done("n1", ("lmdb:n1",), evicted_memory_bytes=300, evicted_lmdb_bytes=7), 0)
+    tel.block(0, _done("n1", ("lmdb:n1",), evicted_memory_bytes=200), 1)
+    views[0].done, views[0].inflight, views[0].limit = 2, 1, 4
+    views[1].inflight, views[1].queued, views[1].limit = 2, 5, 2  # saturated, blocks waiting
+    tel.sample(views, force=True)
+    assert tel.latest["usage"][0]["evicted"] == {"local": 7, "memory": 500}
+    assert [s["held_back"] for s in tel.latest["steps"]] == [1, 0, 0]
+    parse = tel.to_json()["steps"][0]
+    assert parse["evicted"] == {"local": 7, "memory": 500} and parse["held_back"] == [1]

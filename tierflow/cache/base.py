@@ -44,6 +44,7 @@ class TierStats:
     entries: int | None = None
     bytes_used: int | None = None
     capacity_bytes: int | None = None
+    bytes_evicted: int = 0  # the evictions' bytes (last: positional construction stays as it was)
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict (for JSON and the CLI)."""
@@ -55,7 +56,7 @@ class Counters:
 
     _FIELDS: ClassVar[tuple[str, ...]] = (
         "hits", "misses", "puts", "deletes", "bytes_read", "bytes_written",
-        "evictions", "corrupt", "errors",
+        "evictions", "corrupt", "errors", "bytes_evicted",
     )
 
     def __init__(self) -> None:
@@ -75,6 +76,11 @@ class Counters:
             values["hits"] += 1
             values["bytes_read"] += nbytes
 
+    def value(self, name: str) -> int:
+        """One counter's current value (cheaper than a snapshot)."""
+        with self._lock:
+            return self._values[name]
+
     def snapshot(
         self,
         name: str,
@@ -90,7 +96,7 @@ class Counters:
         return TierStats(
             name, kind, v["hits"], v["misses"], v["puts"], v["deletes"], v["bytes_read"],
             v["bytes_written"], v["evictions"], v["corrupt"], v["errors"], entries, bytes_used,
-            capacity_bytes,
+            capacity_bytes, v["bytes_evicted"],
         )
 
 

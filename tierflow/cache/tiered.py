@@ -622,6 +622,13 @@ class TieredCache:
         """Bytes held by this process's memory tier (0 without one). Cheap: no copying."""
         return 0 if self.memory is None else self.memory.stats().bytes_used or 0
 
+    def evicted_bytes(self) -> tuple[int, int]:
+        """Bytes evicted to make room by this process so far: ``(memory tier, LMDB)``. The
+        LMDB figure counts what this process's writes evicted (the environment is shared by
+        the node's processes; each counts its own). Cheap: two counters."""
+        memory = 0 if self.memory is None else self.memory.stats().bytes_evicted
+        return memory, self.lmdb.bytes_evicted()
+
     def close(self) -> None:
         """Close every tier. Idempotent."""
         for tier in (self.memory, self.lmdb, self.remote):

@@ -284,7 +284,7 @@ class Executor:
             self.servers_restarted.append({"server": server, "at_s": round(self.clock() - self._started, 3)})
         for node in self.backend.lost_nodes():
             self.nodes_lost.append({"node": node, "at_s": round(self.clock() - self._started, 3)})
-            self.telemetry.fault("node_lost", node)
+            self.telemetry.node_lost(node)  # the fault, and its copies no longer count as held
             self._emit("node_lost", node=node)
             gone = lmdb_location(node)
             for (step, block), locs in self._locations.items():
@@ -300,6 +300,7 @@ class Executor:
             self._locations[(step, block)] = held + added
             self.views[step].rereplicated += 1
             self.telemetry.fault("rereplicated", f"{self.views[step].name} block {block}")
+            self.telemetry.copied(step, block, added)
             if self.journal is not None:
                 self.journal.add_locations(self.plan.stages[step].name, block, added)
 

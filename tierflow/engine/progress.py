@@ -3,7 +3,7 @@
 Three tables, each readable in 120 columns (a single one with every figure would need
 ~180): progress (blocks, state, queue, rows, trouble), resources (CPUs and GPUs in use
 out of the most the stage may hold, its workers' memory, backpressure) and cache (bytes
-held per tier, spilled, reads per tier and the share served on the node). Tables are
+held per tier, spilled, evicted, reads per tier and the share served on the node). Tables are
 rebuilt at most ``REDRAW_S`` apart, not every driver round: rich's layout costs a few ms.
 """
 
@@ -20,7 +20,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from tierflow.engine.telemetry import LOCAL, MEMORY, PEER, REMOTE, SOURCE, StepUsage
+from tierflow.engine.telemetry import LOCAL, MEMORY, PEER, REMOTE, SOURCE, StepUsage, backpressured
 
 __all__ = ["Progress", "StepView", "backpressured", "human_bytes", "summary_table", "tables"]
 
@@ -96,20 +96,6 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f}P"
 
 
-def backpressured(steps: Sequence[StepView], i: int) -> bool:
-    """Whether step ``i`` is held back by the step after it: that one is saturated (every
-    slot busy, blocks waiting) while ``i`` has nothing queued and free slots. With the
-    scheduler's admission window, a slow step fills the window with blocks waiting for it
-    and the steps before it run dry: this is where that shows."""
-    if i + 1 >= len(steps):
-        return False
-    s, nxt = steps[i], steps[i + 1]
-    return (
-        nxt.limit > 0 and nxt.inflight >= nxt.limit and nxt.queued > 0
-        and s.queued == 0 and s.inflight < max(s.limit, 1) and s.done < s.total
-    )
-
-
 def _share(n: int, total: int) -> str:
     return f"{100 * n / total:.0f}%" if total else "-"
 
@@ -128,8 +114,9 @@ def tables(title: str, steps: Sequence[StepView], usage: Sequence[StepUsage] | N
     res = _table("resources (memory: the stage's workers; step +peak: the most one step added)")
     for col in ("stage", "CPUs", "GPUs", "workers", "RSS now", "RSS peak", "step +peak", "held back"):
         res.add_column(col, justify="left" if col in ("stage", "held back") else "right", overflow="fold")
-    cache = _table("cache (held: not yet consumed; reads: blocks per tier; on node: memory + local)")
-    for col in ("stage", "memory", "local", "peers", "durable", "spilled", "reads mem/loc/peer/rem/src",
+    cache = _table("cache (held: not yet consumed; evicted: memory + local; reads: blocks per tier; "
+                   "on node: memory + local)")
+    for col in ("stage", "memory", "local", "peers", "durable", "spilled", "evicted", "reads mem/loc/peer/rem/src",
                 "on node"):
         cache.add_column(col, justify="left" if col == "stage" else "right", overflow="fold")
     for i, (s, u) in enumerate(zip(steps, usage)):
@@ -144,7 +131,8 @@ def tables(title: str, steps: Sequence[StepView], usage: Sequence[StepUsage] | N
         cache.add_row(
             s.name, human_bytes(u.memory_tier_now), human_bytes(u.held.get(LOCAL, 0)),
             human_bytes(u.held.get(PEER, 0)), human_bytes(u.held.get(REMOTE, 0)), human_bytes(u.spilled),
-            "/".join(_count(n) for n in reads), "-" if ratio is None else f"{100 * ratio:.0f}%",
+            human_bytes(sum(u.evicted.values())), "/".join(_count(n) for n in reads),
+            "-" if ratio is None else f"{100 * ratio:.0f}%",
         )
     return [t, res, cache]
 
@@ -166,6 +154,7 @@ def plain_line(title: str, s: StepView, u: StepUsage | None, now: float) -> str:
         ratio = u.hit_ratio()
         line += (f" cpus {s.inflight * u.cpus:g} gpus {s.inflight * u.gpus:g} rss {human_bytes(u.rss_now)}"
                  f" peak {human_bytes(u.rss_peak)} held {human_bytes(sum(u.held.values()))}"
+                 f" evicted {human_bytes(sum(u.evicted.values()))}"
                  f" on-node reads {'-' if ratio is None else f'{100 * ratio:.0f}%'}")
     return line
 

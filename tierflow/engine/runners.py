@@ -61,6 +61,8 @@ class Outcome:
     rss_end: int = 0  # ... when it ended
     rss_peak: int = 0  # ... at its highest while the step ran
     memory_tier_bytes: int = 0  # held by the worker's in-process cache tier after the step
+    evicted_memory_bytes: int = 0  # bytes the worker's memory tier evicted while the step ran
+    evicted_lmdb_bytes: int = 0  # ... and that its writes evicted from the node's LMDB
 
 
 def make_transform(chain: Sequence[Stage], triton_url: str | tuple[str, ...] | None) -> Transform:
@@ -174,6 +176,7 @@ def run_step(transform: Transform, source: Source | None, io: StepIO, settings: 
     rss_start = measure_start()
     try:
         cache = get_cache(settings)
+        evicted = cache.evicted_bytes()
         try:
             table, tier, nbytes = read_located(source, io, settings)
         except ReplicaLost as exc:
@@ -197,17 +200,19 @@ def run_step(transform: Transform, source: Source | None, io: StepIO, settings: 
             meta = cache.put_table(io.output, out, durable=False)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome the driver judges
         return _failure(exc, started, retry_on=io.retry_on)
-    return _success(meta, table.num_rows, started, rss_start, tier, nbytes, cache, rejected)
+    return _success(meta, table.num_rows, started, rss_start, tier, nbytes, cache, evicted, rejected)
 
 
 def _success(
     meta: Any, rows_in: int, started: float, rss_start: int, tier: str, nbytes: int, cache: TieredCache,
-    rejected: int = 0,
+    evicted: tuple[int, int], rejected: int = 0,
 ) -> Outcome:
     mem = measure_end(rss_start)
+    memory_evicted, lmdb_evicted = cache.evicted_bytes()
     return Outcome(True, meta, rows_in=rows_in, seconds=time.perf_counter() - started, node=_node(),
                    rejected=rejected, read_tier=tier, read_bytes=nbytes, pid=os.getpid(), rss_start=mem.start,
-                   rss_end=mem.end, rss_peak=mem.peak, memory_tier_bytes=cache.memory_held())
+                   rss_end=mem.end, rss_peak=mem.peak, memory_tier_bytes=cache.memory_held(),
+                   evicted_memory_bytes=memory_evicted - evicted[0], evicted_lmdb_bytes=lmdb_evicted - evicted[1])
 
 
 def isolate_rows(
@@ -264,6 +269,7 @@ def write_part(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> O
     try:
         assert isinstance(io.input, str)
         cache = get_cache(settings)
+        evicted = cache.evicted_bytes()
         try:
             table, tier, nbytes = cache.get_table_located(io.input, locations=io.locations)
         except ReplicaLost as exc:
@@ -271,7 +277,7 @@ def write_part(sink: Sink, io: StepIO, block: int, settings: CacheSettings) -> O
         meta = sink.write_part(block, table)
     except Exception as exc:  # noqa: BLE001
         return _failure(exc, started)
-    return _success(meta, table.num_rows, started, rss_start, tier, nbytes, cache)
+    return _success(meta, table.num_rows, started, rss_start, tier, nbytes, cache, evicted)
 
 
 def _matches(exc: BaseException, names: tuple[str, ...]) -> bool:

@@ -1,11 +1,12 @@
 """Run telemetry: what the driver saw over time, for the run report and for metrics.
 
-The executor owns one :class:`Telemetry` per run and tells it four things: a driver
-round happened (``sample``: the recorder reads the live per-step views, at most once per
-``interval_s``), a step's output was committed (``block``: which tier its input came
-from and the worker's memory, both measured in the worker, and where it wrote its
-copies), a block was consumed (``consumed``: its copies are about to be deleted), and a
-fault happened (``fault``: a lost node, a restarted server, a re-replicated block).
+The executor owns one :class:`Telemetry` per run and tells it what happened: a driver
+round (``sample``: the recorder reads the live per-step views, at most once per
+``interval_s``), a step's output committed (``block``: which tier its input came from,
+the worker's memory and what its cache evicted, all measured in the worker, and where it
+wrote its copies), a block consumed (``consumed``: its copies are about to be deleted),
+copies added by re-replication (``copied``), a node lost (``node_lost``: its copies no
+longer count as held) and other faults (``fault``: a restarted server, ...).
 ``finish`` takes a last sample and returns the JSON that goes into ``report.json`` under
 ``"telemetry"``; ``tierflow report`` renders it and :mod:`tierflow.metrics` serves the
 latest figures to Prometheus.
@@ -41,11 +42,13 @@ if TYPE_CHECKING:
     from tierflow.plan import Plan
 
 __all__ = [
-    "FAULT_KINDS", "READ_TIERS", "MemorySample", "StepFigures", "StepResources", "StepUsage", "Telemetry",
-    "host_memory",
+    "FAULT_KINDS", "HELD_TIERS", "READ_TIERS", "MemorySample", "StepFigures", "StepResources", "StepUsage",
+    "Telemetry", "backpressured", "host_memory",
 ]
 
-SCHEMA_VERSION = 2  # 2: reads measured in the worker (memory/local/peer/remote), read bytes, usage
+# 2: reads measured in the worker (memory/local/peer/remote), read bytes, usage
+# 3: evicted bytes per tier, backpressure (``held_back`` timeline), held bytes leave with a lost node
+SCHEMA_VERSION = 3
 
 # Where a step read its input from: the worker's in-process memory tier, its node's LMDB
 # (``local``, as for writes), another node's LMDB, the durable store, or the source.
@@ -54,6 +57,8 @@ READ_TIERS = (SOURCE, MEMORY, LOCAL, PEER, REMOTE)
 _READ_NAMES = {"lmdb": LOCAL, "memory": MEMORY, "peer": PEER, "remote": REMOTE, "source": SOURCE}
 # Where a committed step wrote: LOCAL, PEER, REMOTE and SINK (a part file).
 SINK = "sink"
+# Where a step's blocks are held: its workers' memory tiers, then the copies it wrote.
+HELD_TIERS = (MEMORY, LOCAL, PEER, REMOTE)
 MEMO_MAX = 65536  # (node, locations) combinations remembered per classification
 WORKER_FRESH_S = 10.0  # a worker that reported within this long counts as one of a step's workers
 
@@ -66,6 +71,34 @@ def _write_kinds(node: str, locations: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(
         (LOCAL if loc == local else PEER) if loc.startswith("lmdb:") else loc.partition(":")[0] for loc in locations
     )
+
+
+# Per copy, its tier and, for a copy on a node's LMDB, the key ``(location, tier)`` its
+# bytes are counted under in ``StepUsage.held_at`` (built once per combination: memoised).
+_Copies = tuple[tuple[str, tuple[str, str] | None], ...]
+
+
+def _copies(node: str, locations: tuple[str, ...]) -> tuple[tuple[str, ...], _Copies]:
+    """``(the tiers of the copies, each copy's tier and node key)`` for :meth:`Telemetry.block`."""
+    kinds = _write_kinds(node, locations)
+    return kinds, tuple(
+        (kind, (loc, kind) if loc.startswith("lmdb:") else None) for kind, loc in zip(kinds, locations)
+    )
+
+
+def backpressured(steps: Sequence[StepFigures], i: int) -> bool:
+    """Whether step ``i`` is held back by the step after it: that one is saturated (every
+    slot busy, blocks waiting) while ``i`` has nothing queued and free slots. With the
+    scheduler's admission window, a slow step fills the window with blocks waiting for it
+    and the steps before it run dry: this is where that shows."""
+    if i + 1 >= len(steps):
+        return False
+    s, nxt = steps[i], steps[i + 1]
+    return (
+        nxt.limit > 0 and nxt.inflight >= nxt.limit and nxt.queued > 0
+        and s.queued == 0 and s.inflight < max(s.limit, 1) and s.done < s.total
+    )
+
 
 # Counters of a step whose increase between two samples is recorded as a fault event.
 _FAULT_COUNTERS = (
@@ -92,6 +125,7 @@ class StepFigures(Protocol):
     dead_letters: int
     retired_actors: int
     spares_used: int
+    limit: int  # the most attempts it may run at once (0: not known yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +193,14 @@ class StepUsage:
         grew_peak: The most a single step added to its worker's RSS (peak - start).
         reads: Read tier -> ``[blocks, bytes]`` (measured in the worker).
         held: Write tier (``local``, ``peer``, ``remote``) -> bytes of this step's blocks
-            written there and not consumed yet.
+            written there and not consumed yet (copies on a lost node excluded).
+        held_at: ``(lmdb:<node>, tier)`` -> the part of ``held`` on that node's LMDB (what
+            leaves ``held`` when the node is lost).
         spilled: Bytes of blocks that could not stay on their writer's LMDB (full or down)
             and went to peers or the durable store instead.
+        evicted: ``memory`` / ``local`` -> bytes the workers' memory tiers evicted and their
+            writes evicted from the node's LMDB while this step ran (measured in the worker).
+            Evictions by the cache servers (peer copies written for other nodes) are not in it.
     """
 
     cpus: float
@@ -171,7 +210,9 @@ class StepUsage:
     grew_peak: int = 0
     reads: dict[str, list[int]] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
+    held_at: dict[tuple[str, str], int] = field(default_factory=dict)
     spilled: int = 0
+    evicted: dict[str, int] = field(default_factory=dict)
     rss_now: int = 0  # the fresh workers' RSS, summed (at the last sample)
     memory_tier_now: int = 0  # ... their memory tiers' bytes, summed
 
@@ -195,7 +236,7 @@ class StepUsage:
         return {
             "rss_now": self.rss_now, "rss_peak": self.rss_peak, "step_memory_peak": self.grew_peak,
             "workers": len(self.workers), "held": dict(sorted(self.held.items())),
-            "memory_tier": self.memory_tier_now, "spilled": self.spilled,
+            "memory_tier": self.memory_tier_now, "spilled": self.spilled, "evicted": dict(sorted(self.evicted.items())),
         }
 
 
@@ -262,17 +303,19 @@ class Telemetry:
         self._next_at = self._t0  # the first round samples at once
         self._memory_at = self._t0
         n = len(self.steps)
-        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus", "rss")
+        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus", "rss", "held_back")
         self._timeline = [_Series(per_step) for _ in range(n)]
         self.usage = [StepUsage(s.cpus, s.gpus) for s in self.steps]
-        self._live: dict[tuple[int, int], tuple[tuple[str, ...], int]] = {}  # (step, block) -> held copies
+        # (step, block) -> (writer node, its copies, bytes): held until consumed
+        self._live: dict[tuple[int, int], tuple[str, _Copies, int]] = {}
+        self._lost: set[str] = set()  # ``lmdb:<node>`` of the nodes lost: their copies are gone
         self._kept = [False] * n  # steps whose blocks are never consumed (checkpoints)
         self._mem = _Series(("workers_rss", "workers", "max_worker_rss", "driver_rss"))
         self._faults: list[dict[str, Any]] = []
         self._fault_counts: Counter[str] = Counter()
         self._seen: list[dict[str, int]] = [{} for _ in range(n)]  # counters at the last sample
         self._writes: list[dict[tuple[str, ...], list[int]]] = [{} for _ in range(n)]  # tiers -> [count, bytes]
-        self._kinds_of: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+        self._kinds_of: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], _Copies]] = {}
         self._sink_step = n - 1
         self.latest: dict[str, Any] = {}
         self.closers: list[Callable[[], None]] = []  # run by finish() (the metrics server)
@@ -311,6 +354,7 @@ class Telemetry:
             fig = {
                 "done": v.done, "rows_out": v.rows_out, "inflight": v.inflight, "queued": v.queued,
                 "cpus": v.inflight * res.cpus, "gpus": v.inflight * res.gpus, "rss": use.rss_now,
+                "held_back": int(backpressured(views, i)),
             }
             self._timeline[i].add(t, fig)
             self._note_counters(i, v, t)
@@ -348,6 +392,10 @@ class Telemetry:
             entry[0] += 1
             entry[1] += outcome.read_bytes
         node = outcome.node
+        if outcome.evicted_memory_bytes:
+            use.evicted[MEMORY] = use.evicted.get(MEMORY, 0) + outcome.evicted_memory_bytes
+        if outcome.evicted_lmdb_bytes:
+            use.evicted[LOCAL] = use.evicted.get(LOCAL, 0) + outcome.evicted_lmdb_bytes
         if outcome.pid:
             use.workers[(node, outcome.pid)] = (self._clock(), outcome.rss_end, outcome.memory_tier_bytes)
             if outcome.rss_peak > use.rss_peak:
@@ -363,14 +411,13 @@ class Telemetry:
             # memoised by (node, locations): the combinations are few (nodes x replica
             # sets), the outcomes many (2.4M at 120k blocks x 20 stages)
             key = (node, meta.locations)
-            kinds, nbytes = self._kinds_of.get(key) or self._memo(self._kinds_of, key, _write_kinds), meta.nbytes
-            held = use.held
-            for kind in kinds:
-                held[kind] = held.get(kind, 0) + nbytes
+            kinds, copies = self._kinds_of.get(key) or self._memo(self._kinds_of, key, _copies)
+            nbytes = meta.nbytes
+            self._hold(use, copies, nbytes)
             if LOCAL not in kinds:
                 use.spilled += nbytes
             if not self._kept[step] and block >= 0:
-                self._live[(step, block)] = (kinds, nbytes)
+                self._live[(step, block)] = (node, copies, nbytes)
         written = self._writes[step].get(kinds)
         if written is None:
             self._writes[step][kinds] = [1, nbytes]
@@ -384,10 +431,53 @@ class Telemetry:
         entry = self._live.pop((step, block), None)
         if entry is None:
             return
-        kinds, nbytes = entry
-        held = self.usage[step].held
-        for kind in kinds:
+        _, copies, nbytes = entry
+        use = self.usage[step]
+        held, held_at, lost = use.held, use.held_at, self._lost
+        for kind, at in copies:
+            if at is not None:
+                if lost and at[0] in lost:
+                    continue  # taken out when its node was lost
+                held_at[at] -= nbytes
             held[kind] -= nbytes
+
+    def copied(self, step: int, block: int, added: tuple[str, ...]) -> None:
+        """A block waiting for its reader was re-replicated to ``added``: those copies are
+        held too (until it is consumed)."""
+        entry = self._live.get((step, block))
+        if entry is None or not added:
+            return  # consumed meanwhile, or a checkpoint (counted as written)
+        node, copies, nbytes = entry
+        more = self._copies_of(node, added)[1]
+        self._live[(step, block)] = (node, copies + more, nbytes)
+        self._hold(self.usage[step], more, nbytes)
+
+    def node_lost(self, node: str) -> None:
+        """Record the fault; the copies on ``node``'s LMDB are gone, so they leave the held
+        bytes, and its workers leave the steps' worker memory figures."""
+        self.fault("node_lost", node)
+        gone = f"lmdb:{node}"
+        self._lost.add(gone)
+        for use in self.usage:
+            for kind in (LOCAL, PEER):
+                nbytes = use.held_at.pop((gone, kind), 0)
+                if nbytes:
+                    use.held[kind] -= nbytes
+            for worker in [w for w in use.workers if w[0] == node]:
+                del use.workers[worker]
+
+    def _copies_of(self, node: str, locations: tuple[str, ...]) -> tuple[tuple[str, ...], _Copies]:
+        key = (node, locations)
+        return self._kinds_of.get(key) or self._memo(self._kinds_of, key, _copies)
+
+    def _hold(self, use: StepUsage, copies: _Copies, nbytes: int) -> None:
+        held, held_at, lost = use.held, use.held_at, self._lost
+        for kind, at in copies:
+            if at is not None:
+                if lost and at[0] in lost:
+                    continue  # reported after its node was lost: that copy is gone already
+                held_at[at] = held_at.get(at, 0) + nbytes
+            held[kind] = held.get(kind, 0) + nbytes
 
     @staticmethod
     def _memo(memo: dict[tuple[str, tuple[str, ...]], _T], key: tuple[str, tuple[str, ...]],

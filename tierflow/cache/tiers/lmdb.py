@@ -342,7 +342,7 @@ class LmdbTier:
                 old_size, old_ts, _ = _META.unpack(old)
                 txn.delete(_TS.pack(old_ts) + kb, db=dbs[b"lru"])
             over = used - old_size + size - self.capacity_bytes
-            evicted = 0
+            evicted = freed = 0
             if over > 0:
                 freed, evicted = self._evict(txn, dbs, over, keep=kb)
                 used -= freed
@@ -356,14 +356,14 @@ class LmdbTier:
             txn.put(kb, _META.pack(size, ts, PENDING if pending else 0), db=dbs[b"meta"])
             txn.put(_TS.pack(ts) + kb, b"", db=dbs[b"lru"])
             txn.put(b"used", _USED.pack(used - old_size + size), db=dbs[b"info"])
-        self._counters.add(puts=1, bytes_written=size, evictions=evicted)
+        self._counters.add(puts=1, bytes_written=size, evictions=evicted, bytes_evicted=freed)
 
     def _free_map_space(self, need: int) -> int:
         """Evict unpinned blocks in their own transaction after ``MDB_MAP_FULL``."""
         with self._env() as (env, dbs), _map_full_guard(), env.begin(write=True) as txn:
             freed, evicted = self._evict(txn, dbs, need, keep=b"")
             txn.put(b"used", _USED.pack(self._used(txn, dbs) - freed), db=dbs[b"info"])
-        self._counters.add(evictions=evicted)
+        self._counters.add(evictions=evicted, bytes_evicted=freed)
         return freed
 
     # -- Tier -------------------------------------------------------------------------
@@ -508,6 +508,10 @@ class LmdbTier:
                 return
         with self._env() as (env, dbs), env.begin(write=True) as txn:
             self._apply_touches(txn, dbs)
+
+    def bytes_evicted(self) -> int:
+        """Bytes this process's writes evicted to make room, so far (cheap: one counter)."""
+        return self._counters.value("bytes_evicted")
 
     def stats(self) -> TierStats:
         """Counters plus entries, bytes held and capacity (read from the environment)."""

@@ -67,7 +67,7 @@ class MemoryTier:
         validate_key(key)
         value = value if isinstance(value, bytes) else bytes(value)
         size = len(value)
-        evicted = 0
+        evicted = evicted_bytes = 0
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -78,9 +78,10 @@ class MemoryTier:
                 _, dropped = self._items.popitem(last=False)
                 self._used -= len(dropped)
                 evicted += 1
+                evicted_bytes += len(dropped)
             self._items[key] = value
             self._used += size
-        self._counters.add(puts=1, bytes_written=size, evictions=evicted)
+        self._counters.add(puts=1, bytes_written=size, evictions=evicted, bytes_evicted=evicted_bytes)
 
     def delete(self, key: str) -> bool:
         """Drop ``key``; returns whether it was held."""
