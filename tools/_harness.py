@@ -3,7 +3,8 @@ measures.
 
 * paths: importing this module puts the checkout on ``sys.path`` (after ``PYTHONPATH``, so
   an engine put there first is the one measured); ``worker_env()`` is the ``runtime_env``
-  that gives Ray workers the same (``tools/`` for stage code, the checkout for tierflow).
+  that gives Ray workers the same (``tools/`` for stage code, the checkout for tierflow);
+  ``load_module()`` imports a file by path (an example script, a Triton ``model.py``).
 * the record: ``parser()`` (description from the docstring, ``--json PATH``),
   ``write_json()``, ``machine()`` (the hardware and versions behind a figure),
   ``engine_info()`` (which tierflow ran), ``spread()`` (median / min / max).
@@ -21,6 +22,7 @@ Nothing here is collected by pytest.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -42,8 +45,8 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after PYTHONPATH: an engine put there first is the one measured
 
 __all__ = [
-    "ROOT", "TOOLS", "TritonUDF", "engine_info", "id_check", "infer_mlp", "machine", "parser",
-    "raydata_context", "spread", "worker_env", "write_json", "write_parquet_parts",
+    "ROOT", "TOOLS", "TritonUDF", "engine_info", "id_check", "infer_mlp", "load_module", "machine",
+    "parser", "raydata_context", "spread", "worker_env", "write_json", "write_parquet_parts",
 ]
 
 
@@ -58,6 +61,16 @@ def worker_env(*extra: str) -> dict[str, Any]:
     os.environ["PYTHONPATH"] = path
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return {"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}}
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """Import the file ``path`` as module ``name`` (not put in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # --------------------------------------------------------------------------- the record

@@ -16,13 +16,13 @@ Prints the median time and bytes of each and their ratio (also written to ``--js
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from _harness import machine, parser, spread, write_json
 from tierflow.engine.journal import Journal, delta_name
 from tierflow.io.fs import filesystem, write_atomic
 from tierflow.io.sink import PartMeta
@@ -33,13 +33,13 @@ def part(b: int) -> PartMeta:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, "also write the figures here")
     ap.add_argument("--parts", type=int, default=100_000)
     ap.add_argument("--changed", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--url", default=None)
-    ap.add_argument("--json", dest="json_path", default=None, help="also write the figures here")
     a = ap.parse_args()
+    host = machine()
     with tempfile.TemporaryDirectory() as tmp:
         url = a.url or str(Path(tmp) / "journal")
         j = Journal.load(url, interval_s=0)
@@ -76,10 +76,10 @@ def main() -> None:
             "delta_bytes": int(statistics.median(sizes["delta"])),
             "whole_bytes": int(statistics.median(sizes["whole"])),
             "time_ratio_whole_over_delta": round(med["whole"] / med["delta"], 1),
+            "spread_s": {k: spread(v, 5) for k, v in times.items()},
         }
         print(json.dumps(out, indent=1))
-        if a.json_path:
-            Path(a.json_path).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(a.json, {**out, "machine": host})
 
 
 if __name__ == "__main__":

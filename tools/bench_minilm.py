@@ -12,35 +12,22 @@ average too: on a shared machine the numbers move with it.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import os
 import queue
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _harness import ROOT, load_module, machine, parser, write_json
+from tierflow.triton.server import TritonServer
 
 
 def workloads(rows: int) -> dict[str, list[str]]:
-    gen = _load(ROOT / "examples" / "make_documents.py", "bench_make_documents")
-    stages = _load(ROOT / "examples" / "document_stages.py", "bench_document_stages")
+    gen = load_module(ROOT / "examples" / "make_documents.py", "bench_make_documents")
+    stages = load_module(ROOT / "examples" / "document_stages.py", "bench_document_stages")
     rng = np.random.default_rng(0)
     sentences = [gen._sentence(rng, topic) for topic in sorted(gen.TOPICS) for _ in range(rows)][:rows]
     chunks = stages.chunk_pages(stages.split_pages(gen.make_documents(rows, 0, rng)))["text"].to_pylist()[:rows]
@@ -82,14 +69,12 @@ def served(url: str, texts: list[str], batch: int = 64, inflight: int = 2) -> No
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=512)
-    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from tierflow.triton.server import TritonServer
+    host = machine()
 
-    model = _load(ROOT / "triton_models" / "minilm" / "1" / "model.py", "bench_minilm").get_model()
+    model = load_module(ROOT / "triton_models" / "minilm" / "1" / "model.py", "bench_minilm").get_model()
     loads = [os.getloadavg()[0]]
     results: dict[str, dict[str, float]] = {}
     data = workloads(args.rows)
@@ -107,8 +92,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<18}{r['rows']:>6}{r['mean_tokens']:>8}{r['in_process_rows_per_s']:>14}{r['triton_rows_per_s']:>10}")
     print(f"cpus {os.cpu_count()}, 1-min load average at start/middle/end: {loads}")
-    if args.json:
-        args.json.write_text(json.dumps({"results": results, "load_average": loads, "cpus": os.cpu_count()}, indent=2))
+    write_json(args.json, {"results": results, "load_average": loads, "cpus": os.cpu_count(), "machine": host})
 
 
 if __name__ == "__main__":

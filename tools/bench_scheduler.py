@@ -11,14 +11,13 @@ the issue: <= 60 s of CPU and <= 2 GiB for 120,000 blocks x 20 stages.
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _harness import engine_info, machine, parser, write_json
 from tierflow.cache.settings import CacheSettings
 from tierflow.engine.executor import Executor
 from tierflow.engine.journal import Journal
@@ -48,11 +47,11 @@ def synthetic_plan(blocks: int, stages: int, root: Path) -> Plan:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--blocks", type=int, default=120_000)
     ap.add_argument("--stages", type=int, default=20)
-    ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args()
+    host = machine()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         plan = synthetic_plan(args.blocks, args.stages, root)
@@ -74,12 +73,12 @@ def main() -> None:
         "driver_cpu_s": round(cpu, 2), "driver_wall_s": round(wall, 2),
         "driver_peak_rss_mib": round(rss_mib, 1), "us_per_dispatch": round(cpu / dispatches * 1e6, 2),
         "targets": {"driver_cpu_s": 60, "driver_peak_rss_mib": 2048},
+        "machine": host, "engine": engine_info(),
     }
     print(f"{args.blocks} blocks x {args.stages} stages (+ sink) = {dispatches} dispatches")
     print(f"driver CPU {cpu:.1f} s (target <= 60), wall {wall:.1f} s, peak RSS {rss_mib:.0f} MiB (target <= 2048), "
           f"{figures['us_per_dispatch']} us per dispatch")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(figures, indent=1))
+    write_json(args.json, figures)
     sys.exit(0)
 
 

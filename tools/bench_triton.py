@@ -63,10 +63,7 @@ This is a script, not a test: it is never collected by pytest.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import queue
 import shutil
 import statistics
@@ -75,6 +72,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +82,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tierflow.triton.client import TritonStageClient  # noqa: E402
-from tierflow.triton.convert import column_to_tensor  # noqa: E402
-from tierflow.triton.repository import spec_from_config  # noqa: E402
-from tierflow.triton.server import TritonServer  # noqa: E402
+from _harness import ROOT, machine, parser, spread, write_json
+from tierflow.triton.client import TritonStageClient
+from tierflow.triton.convert import column_to_tensor
+from tierflow.triton.repository import spec_from_config
+from tierflow.triton.server import TritonServer
 
 MODELS: dict[str, dict[str, Any]] = {
     "mlp_classifier": {
@@ -381,7 +377,7 @@ def _bench_point(ctl: Any, runners: dict[str, Callable[[pa.Table], Any]], model:
         fn(warm)
     # Rows per measurement: about target_s of work for the fastest system at this point
     # (estimated from one more pass over the warm-up rows), at most the whole table.
-    rate = max(warm.num_rows / timed(lambda fn=fn: fn(warm)) for fn in runners.values())
+    rate = max(warm.num_rows / timed(partial(fn, warm)) for fn in runners.values())
     table = table.slice(0, int(min(table.num_rows, max(warm.num_rows, rate * target_s))))
     # Correctness: every system returns the same outputs for the same rows.
     ref_table = runners["tierflow"](warm) if "tierflow" in runners else None
@@ -417,13 +413,9 @@ def _bench_point(ctl: Any, runners: dict[str, Callable[[pa.Table], Any]], model:
         }
     for name in ("plain", "plain_shm"):
         if name in runners and "tierflow" in runners:
-            ratios = [secs[name][i] / secs["tierflow"][i] for i in range(rounds)]
-            res[f"ratio_vs_{name}"] = {"median": round(statistics.median(ratios), 3),
-                                       "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+            res[f"ratio_vs_{name}"] = spread(secs[name][i] / secs["tierflow"][i] for i in range(rounds))
     if "plain" in runners and "plain_shm" in runners:
-        ratios = [secs["plain"][i] / secs["plain_shm"][i] for i in range(rounds)]
-        res["shm_vs_plain"] = {"median": round(statistics.median(ratios), 3),
-                               "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+        res["shm_vs_plain"] = spread(secs["plain"][i] / secs["plain_shm"][i] for i in range(rounds))
     return res
 
 
@@ -520,21 +512,20 @@ def bench_shm(sizes: list[int], inflights: list[int], rounds: int, total_mib: fl
                         for r in range(rounds):
                             for way in (("shm", "grpc") if r % 2 == 0 else ("grpc", "shm")):
                                 c0 = cpu_seconds(server.pid)
-                                secs[way].append(timed(lambda c=clients[way]: c.infer_table(table)))
+                                secs[way].append(timed(partial(clients[way].infer_table, table)))
                                 cpu[way].append(cpu_seconds(server.pid) - c0)
                     finally:
                         for c in clients.values():
                             c.close()
                     ratios = [g / s for g, s in zip(secs["grpc"], secs["shm"], strict=True)]
                     cpu_ratios = [g / s for g, s in zip(cpu["grpc"], cpu["shm"], strict=True) if s > 0]
-                    res = {
+                    res: dict[str, Any] = {
                         "request_bytes": rows * row_bytes, "rows_per_request": rows, "requests": requests,
                         "inflight": inflight, "rounds": rounds, "outputs_match": bool(same), "shm_regions": used,
                         "ms_per_request": {w: round(statistics.median(v) / requests * 1e3, 3) for w, v in secs.items()},
                         "mib_per_s": {w: round(rows * row_bytes * requests / statistics.median(v) / (1 << 20), 1)
                                       for w, v in secs.items()},
-                        "grpc_over_shm": {"median": round(statistics.median(ratios), 2),
-                                          "min": round(min(ratios), 2), "max": round(max(ratios), 2)},
+                        "grpc_over_shm": spread(ratios, 2),
                         "cpu_ms_per_request": {w: round(statistics.median(v) / requests * 1e3, 3) for w, v in cpu.items()},
                         "cpu_grpc_over_shm": round(statistics.median(cpu_ratios), 2) if cpu_ratios else None,
                     }
@@ -550,27 +541,8 @@ def bench_shm(sizes: list[int], inflights: list[int], rounds: int, total_mib: fl
     return out
 
 
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "pyarrow": pa.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "loadavg_at_start": [round(x, 2) for x in load]}
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write every figure and the ratios here")
+    ap = parser(__doc__, "write every figure and the ratios here")
     ap.add_argument("--models", default="mlp_classifier,text_embedder")
     ap.add_argument("--points", default=DEFAULT_POINTS, help="BATCHxINFLIGHT,...")
     ap.add_argument("--rounds", type=int, default=5)
@@ -594,8 +566,7 @@ def main() -> None:
             [parse_size(x) for x in args.shm_sizes.split(",") if x],
             [int(x) for x in args.shm_inflight.split(",") if x], rounds, args.shm_mib / (4 if args.quick else 1))
         report_shm["elapsed_s"] = round(time.perf_counter() - t0, 1)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report_shm, indent=1))
+        write_json(args.json, report_shm)
         return
     if args.quick:
         args.rounds, args.target_s = 2, args.target_s / 4
@@ -645,8 +616,7 @@ def main() -> None:
         print(f"  convert {c['model']:15s} {c['conversion']:36s} {c['ms']:>9.3f} ms for {c['rows']:,} rows")
     if "oversize_request" in report:
         print(f"  512-row request to mlp_classifier (max_batch_size 256): {report['oversize_request']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":
