@@ -412,8 +412,8 @@ def test_a_node_lost_mid_run_gets_its_server_replaced_and_the_output_is_unchange
 ) -> None:
     """Servers on both GPU nodes; one node is removed while the run is held at a gate and a
     fresh GPU node joins. The controller takes the lost server out and starts one on the new
-    node; the run finishes with every row once and the model's exact outputs, and its
-    run-owned deployment is gone afterwards."""
+    node; the run finishes with every row once and the model's exact outputs, reports the
+    lost server as a ``server_restarted`` fault, and its run-owned deployment is gone afterwards."""
     from tierflow.testing import BackgroundRun
     from tierflow.triton.deploy import find_deployment
 
@@ -453,6 +453,14 @@ def test_a_node_lost_mid_run_gets_its_server_replaced_and_the_output_is_unchange
         assert pid_gone(lost["pid"])  # its tritonserver died with its node (PDEATHSIG)
     finally:
         gate.touch()
-    run.report(timeout_s=240)
+    report = run.report(timeout_s=240)
     assert_output_is_the_models(d, reference)
     assert find_deployment("triton-loss") is None  # run-owned: torn down with the run
+    # the lost server is a fault of the run, with its time: report.json, the page's markers, metrics
+    faults = report["telemetry"]["faults"]
+    replaced = [f for f in faults if f["kind"] == "server_restarted" and f["detail"] == f"triton:{victim.node_id}"]
+    assert len(replaced) == 1, faults
+    triton = [r["server"] for r in report["servers_restarted"] if r["server"].startswith("triton:")]
+    assert triton == [f"triton:{victim.node_id}"]
+    lost_at = next(f["t"] for f in faults if f["kind"] == "node_lost" and f["detail"] == victim.node_id)
+    assert abs(replaced[0]["t"] - lost_at) < 30

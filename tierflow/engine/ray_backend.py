@@ -65,6 +65,7 @@ class RayBackend:
         self._letters: list[Any] = []
         self._copies: dict[Any, tuple[int, int]] = {}  # re-replications in flight
         self._excluded: dict[int, set[str]] = {}
+        self._triton_lost: Any = None  # LostServers of the Triton deployment the stages use, if any
 
     def start(self, plan: Plan, sink: Sink, settings: CacheSettings, triton_url: str | tuple[str, ...] | None) -> list[int]:
         self._plan, self._sink, self._settings = plan, sink, settings
@@ -73,6 +74,7 @@ class RayBackend:
         self._source_ref = ray.put(plan.source)
         self._letters_at = dead_letters_target(plan, sink)
         self._watcher = NodeWatcher(settings)
+        self._triton_lost = _lost_servers(triton_url)
         limits = stage_limits(plan, self._watcher.resources(fresh=True))  # GPU stages: what the nodes hold
         for s in plan.stages:  # actors start in the background while the cache servers do
             if isinstance(s.config, PythonStage) and s.config.cls is None:
@@ -234,8 +236,13 @@ class RayBackend:
         return gone
 
     def restarted_servers(self) -> list[str]:
-        """``cache:<node>`` for each cache server started again since the last call."""
-        return [f"cache:{node}" for node in self.nodes.restarted_servers()]
+        """``cache:<node>`` for each cache server started again since the last call, and
+        ``triton:<node>`` for each server of the run's Triton deployment lost since (its
+        controller starts a replacement)."""
+        restarted = [f"cache:{node}" for node in self.nodes.restarted_servers()]
+        if self._triton_lost is not None:
+            restarted += [f"triton:{lost['node_id']}" for lost in self._triton_lost.poll()]
+        return restarted
 
     def actor_counts(self, step: int) -> tuple[int, int]:
         pool = self._pools.get(step)
@@ -334,6 +341,7 @@ class RayBackend:
             self._deletions = []
 
     def shutdown(self) -> None:
+        self._triton_lost = None
         if self._letters:
             ray.get(self._letters)
             self._letters = []
@@ -343,3 +351,15 @@ class RayBackend:
         if self._watcher is not None:  # the servers carry this run's settings: they end with it
             self._watcher.stop()
             self._watcher = None
+
+
+def _lost_servers(triton_url: str | tuple[str, ...] | None) -> Any:
+    """A :class:`~tierflow.triton.deploy.LostServers` when the Triton stages use servers that
+    tierflow deployed on the cluster (a ``DeployedEndpoints``: their losses are this run's
+    faults), else None. The Triton package is imported only then."""
+    deployment = getattr(triton_url, "deployment", None)
+    if not isinstance(deployment, str):
+        return None
+    from tierflow.triton.deploy import LostServers
+
+    return LostServers(deployment)

@@ -63,6 +63,7 @@ __all__ = [
     "Deployment",
     "DeploySpec",
     "EndpointFollower",
+    "LostServers",
     "NodeView",
     "ServerStatus",
     "deployed",
@@ -88,6 +89,8 @@ _PING_TIMEOUT_S = 10.0
 _MAX_START_FAILURES = 2
 #: Servers that ended (lost, failed, stopped) kept in ``status()``.
 _HISTORY = 32
+#: Lost servers remembered for :meth:`DeploymentController.lost_since`.
+_LOST_LOG = 256
 #: How often a client asks the controller for the endpoints, and the shortest gap between two
 #: asks when every endpoint is failing.
 FOLLOW_INTERVAL_S = 2.0
@@ -421,6 +424,8 @@ class DeploymentController:
         self._lock = threading.Condition()
         self._servers: list[_Server] = []
         self._ended: deque[_Server] = deque(maxlen=_HISTORY)
+        self._lost = 0  # servers lost after they were ready (each replaced by the watcher)
+        self._lost_log: deque[tuple[int, str, int, str]] = deque(maxlen=_LOST_LOG)  # (number, node, server, why)
         self._failures: Counter[str] = Counter()  # failed starts in a row, per node
         self._next_id = 0
         self._waiting = ""  # why servers are missing, "" when none is
@@ -453,6 +458,16 @@ class DeploymentController:
                 "excluded_nodes": sorted(n for n, k in self._failures.items() if k >= _MAX_START_FAILURES),
                 "uptime_s": now - self._created,
             }
+
+    def lost_since(self, seen: int) -> tuple[int, list[dict[str, Any]]]:
+        """``(servers lost so far, the ones after the first seen)``: each a ready server that
+        died (its actor, node or process) and that the watcher replaces. A run's driver asks
+        this to report them as faults; the newest ``_LOST_LOG`` are kept."""
+        with self._lock:
+            return self._lost, [
+                {"node_id": node, "server": server, "reason": why}
+                for n, node, server, why in self._lost_log if n > seen
+            ]
 
     def wait_ready(self, timeout_s: float) -> list[tuple[str, str]]:
         """Block until no server is still starting (or ``timeout_s`` passes); return the endpoints.
@@ -554,6 +569,9 @@ class DeploymentController:
             self._ended.append(s)
             if state == "failed" and s.node_id:
                 self._failures[s.node_id] += strikes
+            if state == "lost":
+                self._lost += 1
+                self._lost_log.append((self._lost, s.node_id, s.id, reason))
             self._lock.notify_all()
         (_log.warning if state in ("failed", "lost") else _log.info)(
             "Triton deployment %s: server %d %s: %s", self._spec.name, s.id, state, reason
@@ -791,6 +809,55 @@ def deployed(spec: DeploySpec) -> Iterator[Deployment]:
         yield deployment
     finally:
         deployment.stop()
+
+
+class LostServers:
+    """Driver side: the servers of a deployment lost since the last :meth:`poll`, never
+    blocking the caller (the driver's loop calls it every round).
+
+    Each poll takes the answer to the previous ask, if it came, and asks again at most every
+    ``interval_s``. Servers lost before this object was made are not reported (a reused
+    deployment's history is not this run's). A controller that is gone (stopped with the
+    run) or does not answer is asked again later; nothing is raised.
+    """
+
+    def __init__(self, deployment: str, *, interval_s: float = 1.0, handle: Any = None) -> None:
+        self.deployment = deployment
+        self._interval_s = interval_s
+        self._handle = handle
+        self._seen = 0
+        self._ref: Any = None
+        self._asked = -float("inf")
+        with contextlib.suppress(Exception):
+            self._seen, _ = ray.get(self._controller().lost_since.remote(1 << 62), timeout=10.0)
+
+    def _controller(self) -> Any:
+        if self._handle is None:
+            self._handle = ray.get_actor(_actor_name(self.deployment), namespace=NAMESPACE)
+        return self._handle
+
+    def poll(self) -> list[dict[str, Any]]:
+        """``[{node_id, server, reason}]`` of the servers lost since the last answer."""
+        lost: list[dict[str, Any]] = []
+        if self._ref is not None:
+            done, _ = ray.wait([self._ref], timeout=0)
+            if not done:
+                return lost
+            ref, self._ref = self._ref, None
+            try:
+                seen, lost = ray.get(ref)
+            except Exception:  # noqa: BLE001 - the controller is gone or restarting: ask later
+                self._handle = None
+                return []
+            self._seen = max(self._seen, seen)
+        now = time.monotonic()
+        if now - self._asked >= self._interval_s:
+            self._asked = now
+            try:
+                self._ref = self._controller().lost_since.remote(self._seen)
+            except Exception:  # noqa: BLE001 - not found (stopped): ask later
+                self._handle = None
+        return lost
 
 
 # --------------------------------------------------------------------------- client side
