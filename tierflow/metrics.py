@@ -10,7 +10,8 @@ the stage ``sink``); cache figures a ``tier`` label; faults a ``kind`` label. Re
 are ``source``, ``memory`` (the worker's in-process tier), ``local`` (its node's LMDB),
 ``peer`` (another node's LMDB) and ``remote`` (the durable store); held tiers are
 ``memory`` (the stage's workers' memory tiers), ``local`` / ``peer`` (copies on the
-writer's / other nodes' LMDB) and ``remote``; evicted tiers ``memory`` and ``local``.
+writer's / other nodes' LMDB) and ``remote``; evicted tiers ``memory``, ``local`` and
+``peer``.
 Names (documented in README.md, "Metrics"):
 
 =======================================  =======  =============================================
@@ -54,7 +55,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tierflow.engine.telemetry import FAULT_KINDS, HELD_TIERS, LOCAL, MEMORY
+from tierflow.engine.telemetry import FAULT_KINDS, HELD_TIERS, LOCAL, MEMORY, PEER
 from tierflow.errors import TierflowError
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ def _cache_figures(pipeline: str, steps: list[dict[str, Any]], latest: dict[str,
     )
     evicted = CounterMetricFamily(
         "tierflow_cache_evicted_bytes",
-        "Bytes evicted to make room: workers' memory tiers, and the node's LMDB by their writes.",
+        "Bytes evicted to make room: the workers' memory tiers, and LMDB (local, peer) by their writes.",
         labels=[*labels, "tier"],
     )
     for step, use in zip(steps, usage):
@@ -175,7 +176,7 @@ def _cache_figures(pipeline: str, steps: list[dict[str, Any]], latest: dict[str,
         for tier in HELD_TIERS:
             held.add_metric([pipeline, stage, tier], tiers.get(tier, 0))
         spilled.add_metric([pipeline, stage], use["spilled"])
-        for tier in (MEMORY, LOCAL):
+        for tier in (MEMORY, LOCAL, PEER):
             evicted.add_metric([pipeline, stage, tier], use["evicted"].get(tier, 0))
     yield from (held, spilled, evicted)
 

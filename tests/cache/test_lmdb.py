@@ -60,6 +60,7 @@ def test_lru_eviction_keeps_recently_read(tmp_path: Path) -> None:
     stats = tier.stats()
     assert stats.evictions == 1 and stats.bytes_used == 3 * len(VALUE) and stats.entries == 3
     assert stats.bytes_evicted == tier.bytes_evicted() == len(VALUE)
+    assert tier.put_counted("p/f/s/000004", VALUE) == len(VALUE)  # what this one write evicted
     assert tier.check() == []
     tier.close()
 

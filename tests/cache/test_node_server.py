@@ -56,6 +56,22 @@ def test_cache_server_verifies_and_drops_bad_copies(tmp_path: Path) -> None:
     server.tier.close()
 
 
+def test_cache_server_store_returns_what_it_evicted_for_the_copy(tmp_path: Path) -> None:
+    """The writer learns the bytes a peer evicted to make room for its copy (its step's
+    evictions, on another node): exact per write, whatever else the server does meanwhile."""
+    from tierflow.cache.node_server import CacheServer
+
+    frame = codec.encode_table(table())
+    settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store",
+                             lmdb_bytes=2 * len(frame) + 100, lmdb_map_size=1 << 30)
+    server = CacheServer(settings, "node-b")
+    keys = [f"demo/3f9a1c0e/clean/{i:06d}" for i in range(3)]
+    assert [server.store(k, frame, False) for k in keys[:2]] == [("lmdb:node-b", 0)] * 2
+    assert server.store(keys[2], frame, False) == ("lmdb:node-b", len(frame))  # the oldest made room
+    assert server.tier.stats().bytes_evicted == len(frame)
+    server.tier.close()
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -326,3 +342,31 @@ def test_each_run_replicates_into_its_own_cache_dir_and_stops_its_servers(cluste
     # up a block whose peer write failed under load: never fewer)
     copies = Counter(keys("two", "two"))
     assert len(copies) == 4 and all(n >= 2 for n in copies.values()), copies
+
+
+@pytest.mark.ray
+def test_a_writer_counts_the_bytes_its_peer_copies_evicted(cluster: Any, tmp_path: Path) -> None:
+    import ray
+
+    from tierflow.cache.node_server import start_cache_servers
+
+    frame_bytes = len(codec.encode_table(table()))
+    # replicas 3 with a durable store: the writer's LMDB, one peer's, the durable copy
+    settings = CacheSettings(root=str(tmp_path / "{node}"), remote_url=f"file://{tmp_path}/store", replicas=3,
+                             lmdb_bytes=2 * frame_bytes + 100, lmdb_map_size=1 << 30)
+    start_cache_servers(settings)
+
+    @ray.remote(num_cpus=1, max_retries=0)
+    def put_eight(settings: CacheSettings) -> tuple[int, int, int]:
+        from tierflow.cache import get_cache
+
+        cache = get_cache(settings)
+        for i in range(8):  # durable first: unpinned copies, evictable
+            cache.put_table(f"demo/3f9a1c0e/clean/{i:06d}", table())
+        return cache.evicted_bytes()
+
+    memory, local, peers = ray.get(put_eight.remote(settings))
+    # 8 copies over at most 3 peers that hold 2 each: some peer evicted; the writer's own
+    # LMDB held 2 of its 8
+    assert peers >= frame_bytes and peers % frame_bytes == 0
+    assert local == 6 * frame_bytes and memory == 0

@@ -230,11 +230,11 @@ def test_evicted_bytes_are_summed_per_tier_and_backpressure_is_sampled() -> None
     clock = FakeClock()
     tel, views = recorder(clock)
     tel.block(0, _done("n1", ("lmdb:n1",), evicted_memory_bytes=300, evicted_lmdb_bytes=7), 0)
-    tel.block(0, _done("n1", ("lmdb:n1",), evicted_memory_bytes=200), 1)
+    tel.block(0, _done("n1", ("lmdb:n1",), evicted_memory_bytes=200, evicted_peer_bytes=40), 1)
     views[0].done, views[0].inflight, views[0].limit = 2, 1, 4
     views[1].inflight, views[1].queued, views[1].limit = 2, 5, 2  # saturated, blocks waiting
     tel.sample(views, force=True)
-    assert tel.latest["usage"][0]["evicted"] == {"local": 7, "memory": 500}
+    assert tel.latest["usage"][0]["evicted"] == {"local": 7, "memory": 500, "peer": 40}
     assert [s["held_back"] for s in tel.latest["steps"]] == [1, 0, 0]
     parse = tel.to_json()["steps"][0]
-    assert parse["evicted"] == {"local": 7, "memory": 500} and parse["held_back"] == [1]
+    assert parse["evicted"] == {"local": 7, "memory": 500, "peer": 40} and parse["held_back"] == [1]

@@ -172,6 +172,10 @@ class Peers(Protocol):
         """Delete ``key`` from every other node; return how many held it."""
         ...
 
+    def evicted_bytes(self) -> int:
+        """Bytes the other nodes evicted to make room for the copies this process wrote."""
+        ...
+
 
 def unavailable_error(tier: str, exc: BaseException, secrets: Sequence[str] = ()) -> TierUnavailable | None:
     """The :class:`TierUnavailable` that ``exc`` means, or ``None`` if it is not a medium failure."""

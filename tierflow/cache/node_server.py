@@ -111,9 +111,14 @@ class CacheServer:
             CorruptObject: ``frame`` arrived damaged.
             TierUnavailable: No room (``full:``) or the environment cannot be written.
         """
+        return self.store(key, frame, pinned)[0]
+
+    def store(self, key: str, frame: bytes, pinned: bool) -> tuple[str, int]:
+        """:meth:`put`, also returning the bytes evicted from this node's LMDB to make room
+        (the writer counts them: they are its step's evictions, on a peer)."""
         codec.verify(frame, key)
-        self.tier.put(key, frame, pending=pinned)
-        return lmdb_location(self.node_id)
+        evicted = self.tier.put_counted(key, frame, pending=pinned)
+        return lmdb_location(self.node_id), evicted
 
     def get(self, key: str) -> bytes | None:
         """This node's verified copy of ``key``, or ``None``."""
@@ -210,6 +215,7 @@ class RayPeers:
         self._lock = threading.Lock()
         self._servers: dict[str, Any] = {}
         self._looked_up = 0.0
+        self._evicted = 0  # bytes the peers evicted to make room for this process's copies
 
     def __reduce__(self) -> Any:
         raise TypeError("RayPeers is per-process; build it from CacheSettings where needed")
@@ -248,13 +254,23 @@ class RayPeers:
         while len(written) < count and pos < len(order):
             batch = order[pos : pos + count - len(written)]
             pos += len(batch)
-            calls = {n: servers[n].put.remote(key, ref, pinned) for n in batch}
+            calls = {n: servers[n].store.remote(key, ref, pinned) for n in batch}
             for node_id, call in calls.items():
                 try:
-                    written.append(ray.get(call, timeout=self.settings.remote_timeout_s))
+                    location, evicted = ray.get(call, timeout=self.settings.remote_timeout_s)
                 except ray.exceptions.RayError as exc:  # includes errors raised by the actor
                     self._skip(node_id, exc)
+                    continue
+                written.append(location)
+                if evicted:
+                    with self._lock:
+                        self._evicted += evicted
         return written
+
+    def evicted_bytes(self) -> int:
+        """Bytes the peers evicted from their LMDB to make room for this process's copies."""
+        with self._lock:
+            return self._evicted
 
     def fetch(self, key: str, hints: Sequence[str] = ()) -> tuple[bytes, str] | None:
         """Ask the hinted nodes, then the key's first ``replicas`` rendezvous nodes."""

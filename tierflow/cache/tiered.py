@@ -622,12 +622,15 @@ class TieredCache:
         """Bytes held by this process's memory tier (0 without one). Cheap: no copying."""
         return 0 if self.memory is None else self.memory.stats().bytes_used or 0
 
-    def evicted_bytes(self) -> tuple[int, int]:
-        """Bytes evicted to make room by this process so far: ``(memory tier, LMDB)``. The
-        LMDB figure counts what this process's writes evicted (the environment is shared by
-        the node's processes; each counts its own). Cheap: two counters."""
+    def evicted_bytes(self) -> tuple[int, int, int]:
+        """Bytes evicted to make room by this process so far: ``(memory tier, its node's
+        LMDB, other nodes' LMDB)``. The LMDB figures count what this process's writes
+        evicted (an environment is shared by its node's processes and cache server; each
+        counts its own; a peer's evictions for a peer copy come back with the write).
+        Cheap: three counters."""
         memory = 0 if self.memory is None else self.memory.stats().bytes_evicted
-        return memory, self.lmdb.bytes_evicted()
+        peers = 0 if self.peers is None else self.peers.evicted_bytes()
+        return memory, self.lmdb.bytes_evicted(), peers
 
     def close(self) -> None:
         """Close every tier. Idempotent."""

@@ -63,6 +63,7 @@ class Outcome:
     memory_tier_bytes: int = 0  # held by the worker's in-process cache tier after the step
     evicted_memory_bytes: int = 0  # bytes the worker's memory tier evicted while the step ran
     evicted_lmdb_bytes: int = 0  # ... and that its writes evicted from the node's LMDB
+    evicted_peer_bytes: int = 0  # ... and from other nodes' LMDB (its peer copies)
 
 
 def make_transform(chain: Sequence[Stage], triton_url: str | tuple[str, ...] | None) -> Transform:
@@ -205,14 +206,15 @@ def run_step(transform: Transform, source: Source | None, io: StepIO, settings: 
 
 def _success(
     meta: Any, rows_in: int, started: float, rss_start: int, tier: str, nbytes: int, cache: TieredCache,
-    evicted: tuple[int, int], rejected: int = 0,
+    evicted: tuple[int, int, int], rejected: int = 0,
 ) -> Outcome:
     mem = measure_end(rss_start)
-    memory_evicted, lmdb_evicted = cache.evicted_bytes()
+    memory_evicted, lmdb_evicted, peer_evicted = cache.evicted_bytes()
     return Outcome(True, meta, rows_in=rows_in, seconds=time.perf_counter() - started, node=_node(),
                    rejected=rejected, read_tier=tier, read_bytes=nbytes, pid=os.getpid(), rss_start=mem.start,
                    rss_end=mem.end, rss_peak=mem.peak, memory_tier_bytes=cache.memory_held(),
-                   evicted_memory_bytes=memory_evicted - evicted[0], evicted_lmdb_bytes=lmdb_evicted - evicted[1])
+                   evicted_memory_bytes=memory_evicted - evicted[0], evicted_lmdb_bytes=lmdb_evicted - evicted[1],
+                   evicted_peer_bytes=peer_evicted - evicted[2])
 
 
 def isolate_rows(

@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 # 2: reads measured in the worker (memory/local/peer/remote), read bytes, usage
-# 3: evicted bytes per tier, backpressure (``held_back`` timeline), held bytes leave with a lost node
+# 3: evicted bytes per tier (memory/local/peer), backpressure (``held_back`` timeline), held bytes
+#    leave with a lost node
 SCHEMA_VERSION = 3
 
 # Where a step read its input from: the worker's in-process memory tier, its node's LMDB
@@ -198,9 +199,9 @@ class StepUsage:
             leaves ``held`` when the node is lost).
         spilled: Bytes of blocks that could not stay on their writer's LMDB (full or down)
             and went to peers or the durable store instead.
-        evicted: ``memory`` / ``local`` -> bytes the workers' memory tiers evicted and their
-            writes evicted from the node's LMDB while this step ran (measured in the worker).
-            Evictions by the cache servers (peer copies written for other nodes) are not in it.
+        evicted: ``memory`` / ``local`` / ``peer`` -> bytes the workers' memory tiers
+            evicted, and their writes evicted from their node's LMDB and (for the peer
+            copies) from other nodes' LMDB, while this step ran (measured in the writer).
     """
 
     cpus: float
@@ -396,6 +397,8 @@ class Telemetry:
             use.evicted[MEMORY] = use.evicted.get(MEMORY, 0) + outcome.evicted_memory_bytes
         if outcome.evicted_lmdb_bytes:
             use.evicted[LOCAL] = use.evicted.get(LOCAL, 0) + outcome.evicted_lmdb_bytes
+        if outcome.evicted_peer_bytes:
+            use.evicted[PEER] = use.evicted.get(PEER, 0) + outcome.evicted_peer_bytes
         if outcome.pid:
             use.workers[(node, outcome.pid)] = (self._clock(), outcome.rss_end, outcome.memory_tier_bytes)
             if outcome.rss_peak > use.rss_peak:

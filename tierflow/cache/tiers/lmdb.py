@@ -330,7 +330,7 @@ class LmdbTier:
             evicted += 1
         return freed, evicted
 
-    def _write(self, key: str, value: bytes | memoryview, pending: bool) -> None:
+    def _write(self, key: str, value: bytes | memoryview, pending: bool) -> int:
         kb = key.encode()
         size = memoryview(value).nbytes
         with self._env() as (env, dbs), _map_full_guard(), env.begin(write=True) as txn:
@@ -357,6 +357,7 @@ class LmdbTier:
             txn.put(_TS.pack(ts) + kb, b"", db=dbs[b"lru"])
             txn.put(b"used", _USED.pack(used - old_size + size), db=dbs[b"info"])
         self._counters.add(puts=1, bytes_written=size, evictions=evicted, bytes_evicted=freed)
+        return freed
 
     def _free_map_space(self, need: int) -> int:
         """Evict unpinned blocks in their own transaction after ``MDB_MAP_FULL``."""
@@ -412,6 +413,9 @@ class LmdbTier:
             TierUnavailable: No room can be made (reason starts with ``"full:"``) or the
                 environment cannot be written. The environment is unchanged.
         """
+        self._put(key, value, pending)
+
+    def _put(self, key: str, value: bytes, pending: bool) -> int:
         validate_key(key)
         size = memoryview(value).nbytes
         if size > self.capacity_bytes:
@@ -420,16 +424,22 @@ class LmdbTier:
             )
         try:
             try:
-                self._write(key, value, pending)
+                return self._write(key, value, pending)
             except _MapFull:
                 # Byte accounting kept us under half the map, yet LMDB found no free pages
                 # (fragmentation, or old snapshots held by readers): free more and retry once.
-                self._free_map_space(size + self.map_size // 8)
-                self._write(key, value, pending)
+                freed = self._free_map_space(size + self.map_size // 8)
+                return freed + self._write(key, value, pending)
         except _Full as exc:
             raise TierUnavailable(self.name, str(exc)) from None
         except _MapFull as exc:
             raise TierUnavailable(self.name, f"full: LMDB map_size {self.map_size} exhausted") from exc
+
+    def put_counted(self, key: str, value: bytes, *, pending: bool = False) -> int:
+        """:meth:`put`, returning the bytes evicted to make room for this value (exact per
+        call, where a before/after difference of :meth:`bytes_evicted` would also count
+        other threads' writes)."""
+        return self._put(key, value, pending)
 
     def mark_durable(self, key: str) -> bool:
         """Unpin ``key``: its durable copy now exists. Returns whether the key is held."""
