@@ -2,7 +2,7 @@
 in the workers), and a node lost mid-run shows on the run's timeline.
 
 Stage ``a`` is a checkpoint that runs only on the first node (a resource only that node
-has), so with ``replicas: 2`` and a durable store each of its blocks is on that node's LMDB
+has, with a CPU more than the second), so with ``replicas: 2`` and a durable store each of its blocks is on that node's LMDB
 and in the durable store, not on the second node. Stage ``b`` takes a whole node per step
 (``num_cpus: 2``), two at a time: one runs beside the copy, the other spills to the second
 node (the first is busy) and reads the copy from its peer. Midway through ``b`` the test
@@ -47,9 +47,11 @@ def b(t, gate, log):
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    # The first node has a CPU more than a step of b takes: a b held at the gate there
+    # never starves a, and a second b never fits beside it.
     with LocalCluster(nodes=1, cpus_per_node=2, pythonpath=[str(tmp_path / "ex")],
-                      node_args={"resources": {"writer": 4}}) as c:
-        c.add_node(resources={})
+                      node_args={"resources": {"writer": 4}, "num_cpus": 3}) as c:
+        c.add_node(resources={}, num_cpus=2)
         c.cluster.wait_for_nodes()
         yield c
 
