@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -51,7 +50,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from _harness import ROOT, engine_info, id_check, machine, parser, raydata_context, spread, worker_env, write_json
+from _harness import ROOT, engine_info, id_check, load_module, machine, parser, raydata_context, spread, worker_env, write_json
 from bench_pipeline import cpu_busy_s, wait_quiet
 
 BLOCK_DOCS = 25  # examples/documents.yaml: source.block_rows
@@ -81,14 +80,6 @@ def tree_cpu_s() -> float:
     return total
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class Embedder:
     """Ray Data's model stage as its users write it: the model loaded once per actor in
     ``__init__`` (in process, the NumPy all-MiniLM-L6-v2 Triton serves), ``encode`` per batch.
@@ -96,7 +87,7 @@ class Embedder:
 
     def __init__(self, ready_file: str | None = None) -> None:
         t = time.time()
-        self.model = _load(MODEL_PY, "minilm_model").MiniLM.load()
+        self.model = load_module(MODEL_PY, "minilm_model").MiniLM.load()
         if ready_file:
             done = time.time()
             with open(ready_file, "a") as fh:
@@ -111,7 +102,7 @@ class Embedder:
 
 
 def write_data(out: Path, docs: int, seed: int = 11) -> pa.Table:
-    gen = _load(ROOT / "examples" / "make_documents.py", "bench_make_documents")
+    gen = load_module(ROOT / "examples" / "make_documents.py", "bench_make_documents")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     tables = []
