@@ -1,5 +1,5 @@
 """What a run tells whoever listens while it goes: stages starting, blocks committed or
-failing, nodes lost. Tools and tests pass ``on_event`` to :func:`tierflow.run` instead of
+failing, nodes lost, blocks copied again. Tools and tests pass ``on_event`` to :func:`tierflow.run` instead of
 reaching into the engine.
 
 A listener is called on the driver's loop, in order; it must return quickly (it delays
@@ -20,6 +20,7 @@ EventKind = Literal[
     "block_committed",  # a step's output block is written (and journaled)
     "block_failed",  # one attempt failed; ``retryable`` says whether another may follow
     "node_lost",  # a node of the cluster died; its copies are no longer read
+    "block_rereplicated",  # a block that lost a copy with a node was copied to ``node``
     "run_finished",  # after the sink committed, or with ``error`` when the run failed
 ]
 

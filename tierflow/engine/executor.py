@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierflow.cache.settings import CacheSettings
-from tierflow.cache.locations import REMOTE, lmdb_location
+from tierflow.cache.locations import REMOTE, lmdb_location, lmdb_nodes
 from tierflow.engine.backend import Backend
 from tierflow.engine.ray_backend import RayBackend
 from tierflow.engine.journal import Journal
@@ -294,15 +294,18 @@ class Executor:
                 self._locations[(step, block)] = left
                 self._top_up(step, block, left)
         for step, block, added in self.backend.new_copies():
+            name = self.views[step].name
+            self.views[step].rereplicated += 1
+            self.telemetry.fault("rereplicated", f"{name} block {block}")
+            self.telemetry.copied(step, block, added)
+            for node in lmdb_nodes(added):
+                self._emit("block_rereplicated", stage=name, block=block, node=node)
             held = self._locations.get((step, block))
             if held is None:
-                continue  # read (and maybe deleted) meanwhile
+                continue  # its reader started meanwhile (with the copies it had then)
             self._locations[(step, block)] = held + added
-            self.views[step].rereplicated += 1
-            self.telemetry.fault("rereplicated", f"{self.views[step].name} block {block}")
-            self.telemetry.copied(step, block, added)
             if self.journal is not None:
-                self.journal.add_locations(self.plan.stages[step].name, block, added)
+                self.journal.add_locations(name, block, added)
 
     def _top_up(self, step: int, block: int, locations: tuple[str, ...]) -> None:
         """Copy a block waiting for its reader to more nodes when it has fewer than
