@@ -416,6 +416,24 @@ def test_get_cache_is_a_per_process_singleton_reopened_after_fork(tmp_path: Path
     close_all()
 
 
+def test_a_cache_directory_deleted_under_the_process_is_opened_again(tmp_path: Path) -> None:
+    # A notebook's second run after `rm -rf cache/`: the first run's Ray workers are reused.
+    settings = settings_for(tmp_path / "c", memory_bytes=0)
+    cache = get_cache(settings)
+    cache.put_table(KEY, table())
+    data = Path(cache.lmdb.path) / "data.mdb"
+    shutil.rmtree(tmp_path / "c")
+    try:
+        again = get_cache(settings)
+        assert again is not cache
+        again.put_table("demo/3f9a1c0e/clean/000043", table(seed=1))
+        assert data.exists() and data.stat().st_size > 0  # where other processes look
+        assert again.get(KEY) is None  # what the deleted directory held is gone, honestly
+        assert get_cache(settings) is again  # not replaced again
+    finally:
+        close_all()
+
+
 def test_reads_never_raise_for_unavailable_tiers(tmp_path: Path) -> None:
     remote = FaultyTier(RemoteTier(f"file://{tmp_path}/store"))
     now = [0.0]

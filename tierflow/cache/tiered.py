@@ -660,6 +660,11 @@ def get_cache(settings: CacheSettings) -> TieredCache:
             _CACHES.clear()
             _CACHES_PID = os.getpid()
         cache = _CACHES.get(settings)
+        if cache is not None and isinstance(cache.lmdb, LmdbTier) and cache.lmdb.replaced():
+            # The cache directory was deleted under this process (between two runs of a
+            # notebook, by hand): writing on would go to an unlinked file no reader finds.
+            cache.close()
+            cache = None
         if cache is None:
             cache = _CACHES[settings] = _open(settings)
         return cache

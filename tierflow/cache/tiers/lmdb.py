@@ -100,6 +100,16 @@ class _EnvHandle:
         self._cond = threading.Condition(threading.Lock())
         self._active = 0
         self._closing = False
+        self._identity: tuple[int, int] | None = None
+
+    def replaced(self) -> bool:
+        """Whether the directory's data file is no longer the one this process opened
+        (deleted, or deleted and created again): its writes would go to an unlinked file
+        no other process sees."""
+        with self._cond:
+            if self._env is None or self._pid != os.getpid():
+                return False
+            return _identity(self.path) != self._identity
 
     def acquire(self) -> tuple[lmdb.Environment, dict[bytes, Any]]:
         """Open if needed and hold the environment for one operation; pair with release()."""
@@ -149,7 +159,7 @@ class _EnvHandle:
         except BaseException:
             env.close()
             raise
-        self._env, self._dbs = env, dbs
+        self._env, self._dbs, self._identity = env, dbs, _identity(self.path)
 
     def close(self) -> None:
         """Close after running operations finish (no-op if not open in this process)."""
@@ -205,11 +215,19 @@ def _close_all_before_fork() -> None:
 os.register_at_fork(before=_close_all_before_fork)
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _acquire_handle(path: str, open_kwargs: dict[str, Any]) -> _EnvHandle:
     real = os.path.realpath(path)
     with _HANDLES_LOCK:
         handle = _HANDLES.get(real)
-        if handle is None:
+        if handle is None or handle.replaced():  # a replaced one stays with its holders
             handle = _HANDLES[real] = _EnvHandle(real, open_kwargs)
         handle.refs += 1
         return handle
@@ -220,7 +238,8 @@ def _release_handle(handle: _EnvHandle) -> None:
         handle.refs -= 1
         if handle.refs > 0:
             return
-        _HANDLES.pop(handle.path, None)
+        if _HANDLES.get(handle.path) is handle:
+            del _HANDLES[handle.path]
     handle.close()
 
 
@@ -560,6 +579,11 @@ class LmdbTier:
         if used != total:
             problems.append(f"used counter {used} != sum of sizes {total}")
         return problems
+
+    def replaced(self) -> bool:
+        """Whether this tier's directory was deleted (or replaced) since it was opened here:
+        the tier must be opened again for its copies to be seen by other processes."""
+        return self._handle is not None and self._handle.replaced()
 
     def close(self) -> None:
         """Flush access times and release this tier's use of the environment. Idempotent."""
