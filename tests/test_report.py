@@ -237,6 +237,8 @@ def test_report_of_a_synthetic_run_with_faults_draws_them(tmp_path: Path) -> Non
         steps.append({
             "name": name, "t": t, "done": done, "rows_out": [d * 100 for d in done], "inflight": [2] * 21,
             "queued": [0] * 21, "cpus": [2.0 - i * 0.5] * 21, "gpus": [0.0] * 21,
+            "held_bytes": [0] * 21 if name == "sink" else [2**20 * min(k, 25 - k) for k in range(21)],
+            "evicted_bytes": [0] * 21 if name == "sink" else [2**19 * max(0, k - 10) for k in range(21)],
             "reads": {"source": 20} if i == 0 else {"local": 15, "peer": 4, "remote": 1},
             "writes": {"sink": {"count": 20, "bytes": 2**21}} if name == "sink" else
                       {"local": {"count": 20, "bytes": 2**22}, "peer": {"count": 20, "bytes": 2**22}},
@@ -261,7 +263,8 @@ def test_report_of_a_synthetic_run_with_faults_draws_them(tmp_path: Path) -> Non
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     png = screenshot(out, tmp_path)
-    check_plots(png, list(STAGE_COLORS[:3]), [TIER_COLORS[k] for k in ("source", "local", "peer", "remote")])
+    check_plots(png, list(STAGE_COLORS[:3]), [TIER_COLORS[k] for k in ("source", "local", "peer", "remote")],
+                held=True)
     # the lost node's dashed line and marker are drawn in the progress plot (top left)
     assert near(png[110:530, :590], "#D62728") > 20
 
@@ -301,16 +304,21 @@ def near(pixels: np.ndarray, color: str, tol: int = 12) -> int:
     return int((np.abs(pixels - rgb).max(axis=-1) <= tol).sum())
 
 
-def check_plots(img: np.ndarray, stage_colors: list[str], tier_colors: list[str]) -> None:
+def check_plots(img: np.ndarray, stage_colors: list[str], tier_colors: list[str], held: bool = False) -> None:
     """Each of the four plots (2 x 2 below the 110 px header) is drawn: many coloured
     (not white, not grey) pixels in each cell, every stage's colour in the top row, the
-    tiers' colours in the cache plot."""
+    tiers' colours in the cache plot; with ``held``, the fifth plot (held and evicted
+    bytes, below the four) too, in the stages' colours."""
     assert img.shape[:2] == (1600, 1200)
     saturation = img.max(axis=-1) - img.min(axis=-1)
     cells = {
         "progress": (slice(110, 530), slice(0, 590)), "throughput": (slice(110, 530), slice(600, 1190)),
         "cache": (slice(530, 950), slice(0, 590)), "resources": (slice(530, 950), slice(600, 1190)),
     }
+    if held:
+        cells["held"] = (slice(950, 1370), slice(0, 590))
+        for color in stage_colors[:2]:  # the sink holds nothing
+            assert near(img[cells["held"]], color) > 100, f"stage colour {color} missing in the held-bytes plot"
     for name, (ys, xs) in cells.items():
         coloured = int((saturation[ys, xs] > 60).sum())
         assert coloured > 1500, f"{name} plot: {coloured} coloured pixels: not drawn?"
@@ -319,4 +327,4 @@ def check_plots(img: np.ndarray, stage_colors: list[str], tier_colors: list[str]
     ys, xs = cells["cache"]
     for color in tier_colors:
         assert near(img[ys, xs], color) > 100, f"tier colour {color} missing in the cache plot"
-    assert (saturation[950:] > 60).sum() < (saturation[110:950] > 60).sum()  # the plots hold the colour
+    assert (saturation[1370:] > 60).sum() < (saturation[110:950] > 60).sum()  # the plots hold the colour

@@ -94,6 +94,8 @@ def render_html(report: dict[str, Any]) -> str:
     parts = [_header(report)]
     if tel and tel.get("steps"):
         figures = [_progress(tel, report), _throughput(tel), _cache_io(tel), _resources(tel)]
+        if any("held_bytes" in s for s in tel["steps"]):  # schema 4 on
+            figures.append(_held(tel))
         divs = [
             fig.to_html(full_html=False, include_plotlyjs=(i == 0), default_width=f"{PLOT_W}px",
                         default_height=f"{PLOT_H}px", config={"displayModeBar": False, "responsive": False},
@@ -221,6 +223,25 @@ def _cache_io(tel: dict[str, Any]) -> go.Figure:
                                  showlegend=not any(reads)), row=1, col=2)
     fig.update_annotations(font_size=12)
     return _layout(fig, "Cache I/O per stage and tier", barmode="stack", margin={"l": 45, "r": 15, "t": 60, "b": 45})
+
+
+def _held(tel: dict[str, Any]) -> go.Figure:
+    """Bytes of each stage's blocks held in the cache (all copies, stacked) and the bytes
+    evicted to make room, cumulative: a stage whose reader lags fills the cache."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    mib = 2**20
+    for i, s in enumerate(tel["steps"]):
+        if any(s.get("held_bytes", ())):
+            fig.add_trace(go.Scatter(x=s["t"], y=[b / mib for b in s["held_bytes"]], name=f"{s['name']} held",
+                                     stackgroup="held", mode="lines", line={"color": _color(i), "width": 2}),
+                          secondary_y=False)
+        if any(s.get("evicted_bytes", ())):
+            fig.add_trace(go.Scatter(x=s["t"], y=[b / mib for b in s["evicted_bytes"]], name=f"{s['name']} evicted",
+                                     mode="lines", line={"color": _color(i), "dash": "dot", "width": 2}),
+                          secondary_y=True)
+    fig.update_yaxes(title_text="held (MiB)", secondary_y=False, rangemode="tozero")
+    fig.update_yaxes(title_text="evicted, cumulative (MiB)", secondary_y=True, showgrid=False, rangemode="tozero")
+    return _layout(fig, "Cache bytes held per stage and evicted", xaxis_title="s")
 
 
 def _resources(tel: dict[str, Any]) -> go.Figure:

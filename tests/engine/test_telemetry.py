@@ -127,9 +127,13 @@ def test_held_bytes_fall_when_the_next_step_consumes_a_block_and_spills_are_coun
     tel.block(0, _done("n1", ("lmdb:n2", "remote"), 300), 1)  # its own LMDB refused it: spilled
     assert tel.usage[0].held == {"local": 1000, "peer": 1300, "remote": 300}
     assert tel.usage[0].spilled == 300
+    tel.sample(views, force=True)
     tel.consumed(0, 0)
     tel.consumed(0, 0)  # told twice (a speculative copy): counted once
     assert tel.usage[0].held == {"local": 0, "peer": 300, "remote": 300}
+    clock.now += 1
+    tel.sample(views, force=True)
+    assert tel.to_json()["steps"][0]["held_bytes"] == [2600, 600]  # the timeline follows
 
 
 def test_worker_memory_is_summed_over_fresh_workers_and_peaks_are_the_highest_reported() -> None:
@@ -238,3 +242,4 @@ def test_evicted_bytes_are_summed_per_tier_and_backpressure_is_sampled() -> None
     assert [s["held_back"] for s in tel.latest["steps"]] == [1, 0, 0]
     parse = tel.to_json()["steps"][0]
     assert parse["evicted"] == {"local": 7, "memory": 500, "peer": 40} and parse["held_back"] == [1]
+    assert parse["evicted_bytes"] == [547]

@@ -49,7 +49,8 @@ __all__ = [
 # 2: reads measured in the worker (memory/local/peer/remote), read bytes, usage
 # 3: evicted bytes per tier (memory/local/peer), backpressure (``held_back`` timeline), held bytes
 #    leave with a lost node
-SCHEMA_VERSION = 3
+# 4: ``held_bytes`` and ``evicted_bytes`` (all tiers) in the per-step timeline
+SCHEMA_VERSION = 4
 
 # Where a step read its input from: the worker's in-process memory tier, its node's LMDB
 # (``local``, as for writes), another node's LMDB, the durable store, or the source.
@@ -304,7 +305,7 @@ class Telemetry:
         self._next_at = self._t0  # the first round samples at once
         self._memory_at = self._t0
         n = len(self.steps)
-        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus", "rss", "held_back")
+        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus", "rss", "held_back", "held_bytes", "evicted_bytes")
         self._timeline = [_Series(per_step) for _ in range(n)]
         self.usage = [StepUsage(s.cpus, s.gpus) for s in self.steps]
         # (step, block) -> (writer node, its copies, bytes): held until consumed
@@ -356,6 +357,7 @@ class Telemetry:
                 "done": v.done, "rows_out": v.rows_out, "inflight": v.inflight, "queued": v.queued,
                 "cpus": v.inflight * res.cpus, "gpus": v.inflight * res.gpus, "rss": use.rss_now,
                 "held_back": int(backpressured(views, i)),
+                "held_bytes": sum(use.held.values()), "evicted_bytes": sum(use.evicted.values()),
             }
             self._timeline[i].add(t, fig)
             self._note_counters(i, v, t)
