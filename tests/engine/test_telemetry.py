@@ -136,7 +136,7 @@ def test_held_bytes_fall_when_the_next_step_consumes_a_block_and_spills_are_coun
     assert tel.to_json()["steps"][0]["held_bytes"] == [2600, 600]  # the timeline follows
 
 
-def test_worker_memory_is_summed_over_fresh_workers_and_peaks_are_the_highest_reported() -> None:
+def test_worker_memory_is_summed_over_fresh_workers_counted_once_and_peaks_are_the_highest_reported() -> None:
     clock = FakeClock()
     tel, views = recorder(clock)
     mb = 1 << 20
@@ -152,6 +152,10 @@ def test_worker_memory_is_summed_over_fresh_workers_and_peaks_are_the_highest_re
     assert (use.rss_now, len(use.workers)) == (95 * mb, 1)
     step = tel.to_json()["steps"][0]
     assert (step["rss_peak"], step["step_memory_peak"], step["rss"]) == (310 * mb, 210 * mb, [205 * mb, 95 * mb])
+    # the same task worker then runs a block of the next stage: it counts there only
+    tel.block(1, _done("n2", (), pid=11, rss_start=95 * mb, rss_end=150 * mb, rss_peak=160 * mb), 0)
+    tel.sample(views, force=True)
+    assert (tel.usage[0].rss_now, tel.usage[1].rss_now) == (0, 150 * mb)
 
 
 def test_memory_is_probed_on_its_own_interval_and_dropped_when_unavailable() -> None:

@@ -311,6 +311,7 @@ class Telemetry:
         # (step, block) -> (writer node, its copies, bytes): held until consumed
         self._live: dict[tuple[int, int], tuple[str, _Copies, int]] = {}
         self._lost: set[str] = set()  # ``lmdb:<node>`` of the nodes lost: their copies are gone
+        self._worker_step: dict[tuple[str, int], int] = {}  # (node, pid) -> the step it ran last
         self._kept = [False] * n  # steps whose blocks are never consumed (checkpoints)
         self._mem = _Series(("workers_rss", "workers", "max_worker_rss", "driver_rss"))
         self._faults: list[dict[str, Any]] = []
@@ -402,7 +403,15 @@ class Telemetry:
         if outcome.evicted_peer_bytes:
             use.evicted[PEER] = use.evicted.get(PEER, 0) + outcome.evicted_peer_bytes
         if outcome.pid:
-            use.workers[(node, outcome.pid)] = (self._clock(), outcome.rss_end, outcome.memory_tier_bytes)
+            worker = (node, outcome.pid)
+            # Ray reuses a task worker for any stage: it counts for the last one it ran,
+            # so the stages' figures add up to the workers' memory, not more
+            last = self._worker_step.get(worker)
+            if last != step:
+                if last is not None:
+                    self.usage[last].workers.pop(worker, None)
+                self._worker_step[worker] = step
+            use.workers[worker] = (self._clock(), outcome.rss_end, outcome.memory_tier_bytes)
             if outcome.rss_peak > use.rss_peak:
                 use.rss_peak = outcome.rss_peak
             grew = outcome.rss_peak - outcome.rss_start
