@@ -143,3 +143,6 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     read_from_peer = {int(b) for tag, b in after if tag == "b"} & on_victim
     assert read_from_peer, "no block written on the removed node was read after its removal"
     assert stages["a"]["rereplicated"] >= 1  # blocks waiting for b were copied to a new node
+    faults = report["telemetry"]["faults"]  # both on the run's timeline, the copies after the loss
+    lost_at = min(f["t"] for f in faults if f["kind"] == "node_lost")
+    assert any(f["kind"] == "rereplicated" and f["t"] >= lost_at for f in faults)

@@ -112,8 +112,8 @@ class InlineBackend:
     def actor_counts(self, step: int) -> tuple[int, int]:
         return 0, 0
 
-    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
-        pass
+    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> bool:
+        return False
 
     def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
         return []

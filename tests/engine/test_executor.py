@@ -88,14 +88,54 @@ def test_a_block_committed_with_too_few_copies_is_copied_again(tmp_path: Path) -
                 return None
             return Outcome(True, BlockMeta(self._plan.key(0, 2), 10, 80, "xxh3-128:" + "0" * 32, ("lmdb:n1",)), rows_in=10)
 
-        def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
+        def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> bool:
             self.asked.append((step, block, locations))
+            return True
 
     plan = plan_of(tmp_path)
     backend = Recording()
     settings = CacheSettings(root=str(tmp_path / "cache"), replicas=2)
     Executor(plan, Sink(plan.manifest.sink, str(tmp_path / "out")), settings, backend=backend).run()
     assert backend.asked == [(0, 2, ("lmdb:n1",))]  # the other blocks have two copies (local + durable)
+
+
+def test_a_copy_that_lands_after_its_block_was_consumed_is_deleted_too(tmp_path: Path) -> None:
+    """A top-up copy still under way when the block's reader commits lands after the block
+    was deleted everywhere: the driver deletes it again, or it would stay on that node."""
+    from tierflow.cache.tiered import BlockMeta
+
+    class LateCopy(InlineBackend):
+        def __init__(self) -> None:
+            super().__init__(rows_per_block=10, fail=self.one_copy)
+            self.read = False  # block 2's reader (step 1) has committed
+            self.landed = False
+            self.deletes: list[str] = []
+
+        def one_copy(self, d: Dispatch) -> Outcome | None:
+            self.read |= (d.step, d.block) == (1, 2)
+            if (d.step, d.block) != (0, 2):
+                return None
+            return Outcome(True, BlockMeta(self._plan.key(0, 2), 10, 80, "xxh3-128:" + "0" * 32, ("lmdb:n1",)), rows_in=10)
+
+        def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> bool:
+            return True
+
+        def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
+            if self.read and not self.landed:
+                self.landed = True
+                return [(0, 2, ("lmdb:n2",))]
+            return []
+
+        def delete(self, keys: list[str], wait: bool = False) -> None:
+            self.deletes += keys
+
+    plan = plan_of(tmp_path)
+    backend = LateCopy()
+    settings = CacheSettings(root=str(tmp_path / "cache"), replicas=2)
+    report = Executor(plan, Sink(plan.manifest.sink, str(tmp_path / "out")), settings, backend=backend).run()
+    assert backend.landed and backend.deletes.count(plan.key(0, 2)) == 2  # after its reader, and the late copy
+    assert backend.deletes.count(plan.key(0, 1)) == 1
+    assert report["stages"][0]["rereplicated"] == 1
 
 
 def test_a_restarted_server_is_a_fault_with_its_time_in_the_report(tmp_path: Path) -> None:

@@ -76,12 +76,14 @@ class Blocks(Protocol):
         how many were written. Raises TierUnavailable while the durable store is down."""
         ...
 
-    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
-        """Start copying a block whose copies are now only at ``locations`` to new nodes."""
+    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> bool:
+        """Start copying a block whose copies are now only at ``locations`` to new nodes;
+        whether a copy was started (not when no other node could take one)."""
         ...
 
     def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
-        """``(step, block, locations added)`` of the re-replications finished since the last call."""
+        """``(step, block, locations added)`` of the re-replications answered since the last
+        call; none added when one failed or found no peer to copy to."""
         ...
 
 

@@ -86,6 +86,9 @@ class Executor:
     # where the copies of blocks waiting for the next step are (handed to that step)
     _locations: dict[tuple[int, int], tuple[str, ...]] = field(init=False, default_factory=dict)
     _running: dict[tuple[int, int], _Running] = field(init=False, default_factory=dict)
+    # blocks with a top-up copy under way -> whether their reader is already done (then the
+    # copy, landing after the block was deleted, is deleted when it lands)
+    _copying: dict[tuple[int, int], bool] = field(init=False, default_factory=dict)
     _durations: dict[int, deque[float]] = field(
         init=False, default_factory=lambda: defaultdict(lambda: deque(maxlen=256))
     )
@@ -294,6 +297,11 @@ class Executor:
                 self._locations[(step, block)] = left
                 self._top_up(step, block, left)
         for step, block, added in self.backend.new_copies():
+            consumed = self._copying.pop((step, block), False)
+            if not added:
+                continue  # failed, or no peer took it: the block is read from what is left
+            if consumed:
+                self._garbage.append(self.plan.key(step, block))  # landed after the block was deleted
             name = self.views[step].name
             self.views[step].rereplicated += 1
             self.telemetry.fault("rereplicated", f"{name} block {block}")
@@ -312,7 +320,8 @@ class Executor:
         ``replicas`` copies (its node died, or a peer write failed under load) and no
         durable one: losing its last node would otherwise mean recomputing it."""
         if locations and REMOTE not in locations and len(locations) < self.settings.replicas:
-            self.backend.rereplicate(step, block, self.plan.key(step, block), locations)
+            if self.backend.rereplicate(step, block, self.plan.key(step, block), locations):
+                self._copying[(step, block)] = False
 
     def _blame(self, step: int, node: str) -> None:
         """Exclude a node from a stage after BLACKLIST_FAILURES failures there within
@@ -366,6 +375,8 @@ class Executor:
                                meta.locations)
         if d.step > 0 and not self.plan.stages[d.step - 1].config.checkpoint:
             self._garbage.append(self.plan.key(d.step - 1, d.block))  # its only reader is done
+            if (d.step - 1, d.block) in self._copying:
+                self._copying[(d.step - 1, d.block)] = True
             self.telemetry.consumed(d.step - 1, d.block)
             if j is not None:
                 j.forget_block(self.plan.stages[d.step - 1].name, d.block)

@@ -248,21 +248,24 @@ class RayBackend:
         pool = self._pools.get(step)
         return (pool.retired, pool.took_over) if pool is not None else (0, 0)
 
-    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> None:
+    def rereplicate(self, step: int, block: int, key: str, locations: tuple[str, ...]) -> bool:
         holders = lmdb_nodes(locations)
         if not holders or not self.nodes.nodes - set(holders):
-            return  # only the durable copy is left (it needs no help), or no other node to copy to
+            return False  # only the durable copy is left (it needs no help), or no other node to copy to
         holder = holders[0]
         on_holder = NodeAffinitySchedulingStrategy(holder, soft=False)
         ref = rereplicate_block.options(num_cpus=0, scheduling_strategy=on_holder).remote(
             key, locations, self._settings_ref
         )
         self._copies[ref] = (step, block)
+        return True
 
     def new_copies(self) -> list[tuple[int, int, tuple[str, ...]]]:
         # A failed copy's holder died too: the block is read from what is left.
-        copied, _ = pop_answered(self._copies)
-        return [(step, block, tuple(locations)) for (step, block), locations in copied if locations]
+        copied, failed = pop_answered(self._copies)
+        return [(step, block, tuple(locations)) for (step, block), locations in copied] + [
+            (step, block, ()) for step, block in failed
+        ]
 
     def wait(self, timeout_s: float) -> list[tuple[Dispatch, Outcome]]:
         if time.monotonic() - self._servers_at > SERVERS_REFRESH_S:
