@@ -171,7 +171,9 @@ def test_a_stage_holding_200_mib_per_step_shows_that_peak(run: Run) -> None:
     assert 0.8 * want <= slow["step_memory_peak"] <= 1.2 * want, slow["step_memory_peak"] / 2**20
     assert slow["rss_peak"] >= slow["step_memory_peak"] + 20 * 2**20  # a worker's own baseline is on top
     assert double["step_memory_peak"] < 0.2 * want  # the stage that allocates nothing shows nothing like it
-    assert min(slow["workers"], double["workers"]) >= 1 and max(slow["rss"]) > 0
+    # the actor's process is the double stage's to the end; the slow stage's task workers go
+    # on to run sink steps and count there then, so only its sampled memory is checked
+    assert double["workers"] >= 1 and max(slow["rss"]) > 0
 
 
 @pytest.mark.ray
