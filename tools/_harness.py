@@ -136,7 +136,9 @@ def engine_info(engine: Path = ROOT) -> dict[str, Any]:
             return ""
 
     where = Path(tierflow.__file__).resolve().parent
-    info: dict[str, Any] = {"tierflow": str(where), "path": str(engine), "commit": git("rev-parse", "HEAD"),
+    # relative to the checkout: results are committed, and this machine's paths mean nothing elsewhere
+    imported = where.relative_to(engine.resolve()).as_posix() if where.is_relative_to(engine.resolve()) else None
+    info: dict[str, Any] = {"tierflow": imported or "a copy outside the checkout", "commit": git("rev-parse", "HEAD"),
                             "tierflow_dirty": bool(git("status", "--porcelain", "--", "tierflow"))}
     stamp = where.parent / "ENGINE_COMMIT"  # a copy made by `git archive <commit> tierflow`
     if where != (engine / "tierflow").resolve() and stamp.exists():
