@@ -78,4 +78,7 @@ def test_plain_lines_carry_the_resource_and_cache_figures() -> None:
     Progress("p", steps[:1], out=out, usage=usage[:1]).refresh(force=True)
     line = out.getvalue()
     assert "queued 1234" in line and "cpus 96" in line and "peak 37G" in line and "on-node reads 93%" in line
-    assert "evicted 999G" in line
+    assert "evicted 999G" in line and "gpus 16" in line
+    out = io.StringIO()  # a CPU stage that evicted nothing: those two figures are left out
+    Progress("p", steps[-1:], out=out, usage=usage[-1:]).refresh(force=True)
+    assert "cpus " in out.getvalue() and "gpus" not in out.getvalue() and "evicted" not in out.getvalue()

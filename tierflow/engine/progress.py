@@ -150,12 +150,13 @@ def plain_line(title: str, s: StepView, u: StepUsage | None, now: float) -> str:
     """One step as a log line (stdout is not a terminal)."""
     line = (f"[{title}] {s.name:<16} {s.state:<8} {s.done}/{s.total} blocks "
             f"{s.rows_out} rows {s.rate(now):,.0f} rows/s queued {s.queued}")
-    if u is not None:
+    if u is not None:  # figures that are always zero for this step are left out: lines stay short
         ratio = u.hit_ratio()
-        line += (f" cpus {s.inflight * u.cpus:g} gpus {s.inflight * u.gpus:g} rss {human_bytes(u.rss_now)}"
-                 f" peak {human_bytes(u.rss_peak)} held {human_bytes(sum(u.held.values()))}"
-                 f" evicted {human_bytes(sum(u.evicted.values()))}"
-                 f" on-node reads {'-' if ratio is None else f'{100 * ratio:.0f}%'}")
+        evicted = sum(u.evicted.values())
+        line += (f" cpus {s.inflight * u.cpus:g}" + (f" gpus {s.inflight * u.gpus:g}" if u.gpus else "")
+                 + f" rss {human_bytes(u.rss_now)} peak {human_bytes(u.rss_peak)}"
+                 f" held {human_bytes(sum(u.held.values()))}" + (f" evicted {human_bytes(evicted)}" if evicted else "")
+                 + f" on-node reads {'-' if ratio is None else f'{100 * ratio:.0f}%'}")
     return line
 
 
