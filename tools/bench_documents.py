@@ -113,8 +113,9 @@ def write_data(out: Path, docs: int, seed: int = 11) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def write_manifest(work: Path, data: Path, out: Path, tag: str) -> Path:
-    """``examples/documents.yaml`` with only its paths changed; a cache dir of its own."""
+def write_manifest(work: Path, data: Path, out: Path, tag: str, embed_concurrency: int | None = None) -> Path:
+    """``examples/documents.yaml`` with only its paths changed (and, if given, the embed
+    stage's ``concurrency``); a cache dir of its own."""
     import yaml
 
     doc = yaml.safe_load((ROOT / "examples" / "documents.yaml").read_text())
@@ -122,6 +123,8 @@ def write_manifest(work: Path, data: Path, out: Path, tag: str) -> Path:
     doc["sink"]["path"] = str(out)
     doc["triton"] = {**doc["triton"], "launch": True, "repository": str(ROOT / "triton_models")}
     doc["cache"] = {"dir": str(work / f"cache-{tag}")}
+    if embed_concurrency is not None:
+        next(s for s in doc["stages"] if s["name"] == "embed")["concurrency"] = embed_concurrency
     path = work / f"documents-{tag}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -130,13 +133,12 @@ def write_manifest(work: Path, data: Path, out: Path, tag: str) -> Path:
 # --------------------------------------------------------------------------- the two systems
 
 
-def run_tierflow(work: Path, data: Path, out: Path, tag: str) -> dict[str, Any]:
-    """One cold run: a new cache dir (not one emptied: Ray workers kept from a run before
-    hold their LMDB handle on a removed directory, and that run's blocks went missing)."""
+def run_tierflow(work: Path, data: Path, out: Path, tag: str, embed_concurrency: int | None = None) -> dict[str, Any]:
+    """One cold run, with a new cache dir: nothing of an earlier run is read."""
     import tierflow
     from tierflow.triton.server import TritonServer
 
-    manifest = write_manifest(work, data, out, tag)
+    manifest = write_manifest(work, data, out, tag, embed_concurrency)
     starts: list[float] = []
     start = TritonServer.start
 
@@ -220,6 +222,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--docs", type=int, default=600, help="documents (~6 chunks each)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--embed-concurrency", type=int, help="the embed stage's concurrency (default: the manifest's)")
     ap.add_argument("--num-cpus", type=int, default=3, help="logical CPUs of the shared Ray instance")
     # One actor with both cores' BLAS threads, as Triton's one minilm instance has them;
     # it beat 2 x 1 CPU in a trial here (16.5 s vs 22.3 s for 100 documents).
@@ -245,6 +248,7 @@ def main() -> None:
     report: dict[str, Any] = {"argv": sys.argv[1:], "machine": machine(), "engine": engine_info(),
                               "docs": args.docs, "num_cpus": args.num_cpus, "rd_actors": args.rd_actors,
                               "rd_actor_cpus": args.rd_actor_cpus, "rd_batch": args.batch,
+                              "embed_concurrency": args.embed_concurrency,
                               "load_average": [os.getloadavg()]}
     try:
         docs = write_data(work / "data", args.docs)
@@ -258,7 +262,7 @@ def main() -> None:
         print(f"{args.docs} documents -> {expected.num_rows} chunks; Ray: {args.num_cpus} logical CPUs on "
               f"{os.cpu_count()} cores; Ray Data Embedder: {args.rd_actors} x {args.rd_actor_cpus} CPU", flush=True)
         t = time.time()
-        run_tierflow(work, work / "warmup", work / "out-tierflow-warmup", "warmup")
+        run_tierflow(work, work / "warmup", work / "out-tierflow-warmup", "warmup", args.embed_concurrency)
         run_raydata(work, work / "warmup", work / "out-raydata-warmup", args, "warmup")
         report["warmup_s"] = round(time.time() - t, 1)
         runs: dict[str, list[dict[str, Any]]] = {"tierflow": [], "raydata": []}
@@ -267,7 +271,7 @@ def main() -> None:
                 waited, others = wait_quiet(args.quiet_wait_s, args.quiet_cores) if args.quiet_wait_s > 0 else (0.0, float("nan"))
                 load = os.getloadavg()[0]
                 busy, ours = cpu_busy_s(), tree_cpu_s()
-                res = (run_tierflow(work, work / "data", work / "out-tierflow", str(rnd)) if name == "tierflow"
+                res = (run_tierflow(work, work / "data", work / "out-tierflow", str(rnd), args.embed_concurrency) if name == "tierflow"
                        else run_raydata(work, work / "data", work / "out-raydata", args, str(rnd)))
                 res["ours_cpu_s"] = round(tree_cpu_s() - ours, 1)
                 res["others_cpu_s"] = round(cpu_busy_s() - busy - res["ours_cpu_s"], 1)
