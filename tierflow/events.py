@@ -1,6 +1,6 @@
 """What a run tells whoever listens while it goes: stages starting, blocks committed or
-failing, nodes lost, blocks copied again. Tools and tests pass ``on_event`` to :func:`tierflow.run` instead of
-reaching into the engine.
+failing, nodes lost, blocks copied again. Tools and tests pass ``on_event`` to
+:func:`tierflow.run` instead of reaching into the engine.
 
 A listener is called on the driver's loop, in order; it must return quickly (it delays
 the run) and must not raise (an exception from it fails the run, like any driver error).

@@ -305,7 +305,8 @@ class Telemetry:
         self._next_at = self._t0  # the first round samples at once
         self._memory_at = self._t0
         n = len(self.steps)
-        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus", "rss", "held_back", "held_bytes", "evicted_bytes")
+        per_step = ("done", "rows_out", "inflight", "queued", "cpus", "gpus", "rss", "held_back",
+                    "held_bytes", "evicted_bytes")
         self._timeline = [_Series(per_step) for _ in range(n)]
         self.usage = [StepUsage(s.cpus, s.gpus) for s in self.steps]
         # (step, block) -> (writer node, its copies, bytes): held until consumed
