@@ -82,6 +82,35 @@ def test_missing_files_name_the_directory(minilm: ModuleType, tmp_path: Path) ->
         minilm.MiniLM.load(tmp_path)
 
 
+def test_blas_threads_share_the_cores_among_cpu_instances(minilm: ModuleType) -> None:
+    def cpu(count: int) -> dict[str, Any]:
+        return {"instance_group": [{"kind": "KIND_CPU", "count": count}]}
+
+    assert minilm.blas_threads(cpu(2), 8) == 4 and minilm.blas_threads(cpu(3), 2) == 1
+    assert minilm.blas_threads({}, 6) == 6  # no instance group: Triton's default, one instance
+    assert minilm.blas_threads({**cpu(2), "parameters": {"cpu_threads": {"string_value": "3"}}}, 8) == 3
+    assert minilm.blas_threads({"instance_group": [{"kind": "KIND_GPU", "count": 1}]}, 8) is None
+
+
+def test_a_cpu_instance_limits_the_blas_threads_of_its_process(minilm: ModuleType) -> None:
+    import json
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas()
+    if not before or max(before) < 2:
+        pytest.skip("NumPy's BLAS runs one thread here already")
+    config = {"instance_group": [{"kind": "KIND_CPU", "count": max(before)}]}  # one core each
+    try:
+        minilm.TritonPythonModel().initialize({"model_name": "minilm", "model_config": json.dumps(config)})
+        assert blas() == [1] * len(before)
+    finally:
+        threadpool_limits(limits=max(before), user_api="blas")  # the rest of this process as it was
+
+
 @pytest.mark.triton
 def test_served_model_matches_the_reference(triton_server: TritonServer, minilm: ModuleType) -> None:
     """A stock tritonclient against the bundled server: the documented cosine, and the
