@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import yaml
 from PIL import Image
 
 from example_copy import make_example
+from s3_endpoint import free_port
 from tierflow.report import STAGE_COLORS, TIER_COLORS
 
 ROWS, BLOCK_ROWS = 1200, 100
@@ -58,12 +58,6 @@ METRIC_NAMES = (
     "tierflow_cache_spilled_bytes_total", "tierflow_cache_evicted_bytes_total",
 )
 MEMORY_TIER_BYTES = 4096  # a block's frame is ~1.1 KB: the workers' memory tiers evict after 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> str | None:
