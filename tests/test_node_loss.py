@@ -146,3 +146,27 @@ def test_node_removed_mid_run_reads_replicas_not_lineage(tmp_path: Path, cluster
     faults = report["telemetry"]["faults"]  # both on the run's timeline, the copies after the loss
     lost_at = min(f["t"] for f in faults if f["kind"] == "node_lost")
     assert any(f["kind"] == "rereplicated" and f["t"] >= lost_at for f in faults)
+
+
+def test_a_node_that_keeps_failing_a_stage_is_excluded_from_it(tmp_path: Path, cluster: LocalCluster) -> None:
+    from tierflow.driver import run_pipeline
+
+    bad = cluster.workers[0].node_id
+    ex = make_example(tmp_path / "ex", rows=2000)
+    (ex / "steps.py").write_text(CODE)
+    doc = {
+        "name": "picky",
+        "source": {"format": "parquet", "path": "data/", "block_rows": 100, "columns": ["id"]},
+        "stages": [{"name": "p", "kind": "python", "fn": "steps:picky", "concurrency": 6, "max_attempts": 6,
+                    "retry_on": ["OSError"], "params": {"bad_node": bad}}],
+        "sink": {"path": "out/"},
+        "cache": {"dir": str(tmp_path / "cache-{node}"), "remote_url": f"file://{tmp_path}/durable"},
+    }
+    manifest = ex / "picky.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    report = run_pipeline(manifest, progress_out=None)
+    stage = report["stages"][0]
+    assert stage["excluded_nodes"] == [bad], stage
+    assert 3 <= stage["retries"] <= 3 + 6  # failures stop once the node is excluded (some were in flight)
+    out = ds.dataset(str(ex / "out"), format="parquet", exclude_invalid_files=True).to_table()
+    assert sorted(out["id"].to_pylist()) == list(range(2000))
