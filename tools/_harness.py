@@ -135,13 +135,13 @@ def engine_info(engine: Path = ROOT) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    where = Path(tierflow.__file__).resolve().parent
+    where, checkout = Path(tierflow.__file__).resolve().parent, engine.resolve()
     # relative to the checkout: results are committed, and this machine's paths mean nothing elsewhere
-    imported = where.relative_to(engine.resolve()).as_posix() if where.is_relative_to(engine.resolve()) else None
+    imported = where.relative_to(checkout).as_posix() if where.is_relative_to(checkout) else None
     info: dict[str, Any] = {"tierflow": imported or "a copy outside the checkout", "commit": git("rev-parse", "HEAD"),
                             "tierflow_dirty": bool(git("status", "--porcelain", "--", "tierflow"))}
     stamp = where.parent / "ENGINE_COMMIT"  # a copy made by `git archive <commit> tierflow`
-    if where != (engine / "tierflow").resolve() and stamp.exists():
+    if where != (checkout / "tierflow").resolve() and stamp.exists():
         info["engine_commit"] = stamp.read_text().strip()
     return info
 

@@ -224,8 +224,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--embed-concurrency", type=int, help="the embed stage's concurrency (default: the manifest's)")
     ap.add_argument("--num-cpus", type=int, default=3, help="logical CPUs of the shared Ray instance")
-    # One actor with both cores' BLAS threads, as Triton's one minilm instance has them;
-    # it beat 2 x 1 CPU in a trial here (16.5 s vs 22.3 s for 100 documents).
+    # One actor with both cores, as Ray Data's docs and users write a model stage. Against
+    # 2 x 1 CPU (one BLAS thread each, the layout Triton's minilm now has) it lost on
+    # 2026-12-06: 80.5 s vs 58.1 s (BENCHMARKS.md); run both.
     ap.add_argument("--rd-actors", type=int, default=1, help="Ray Data Embedder actors (ActorPoolStrategy size)")
     ap.add_argument("--rd-actor-cpus", type=float, default=2.0, help="num_cpus per Embedder actor")
     ap.add_argument("--batch", type=int, default=64, help="Ray Data Embedder batch_size (the manifest's batch_size)")
